@@ -1,0 +1,19 @@
+"""lightning-transfer: fine-tuning research methods as PyTorch Lightning callbacks."""
+
+from lightning_transfer.anatomy import AnatomyError, find_head, list_blocks
+from lightning_transfer.data import AnimalMNISTDataModule, ImageFolderDataModule
+from lightning_transfer.model import TransferClassifier, build_backbone
+from lightning_transfer.optim import build_param_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnatomyError",
+    "AnimalMNISTDataModule",
+    "ImageFolderDataModule",
+    "TransferClassifier",
+    "build_backbone",
+    "build_param_groups",
+    "find_head",
+    "list_blocks",
+]

