@@ -1,0 +1,167 @@
+"""RIFLE: re-initialize the new head a few times during fine-tuning."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_transfer.anatomy import final_linear, find_head
+from lightning_transfer.functional.head_init import reinitialize_, zero_head_
+
+__all__ = ["RIFLE", "reinit_points"]
+
+
+def reinit_points(total: int, num_reinits: int, min_after: int) -> list[int]:
+    """Evenly spaced re-init points (epoch or step indices at whose start the head is re-initialized).
+
+    Spacing ``s = min(total/(n+1), (total − min_after)/n)``: the authors' ``10, 20, 30`` for 40 epochs
+    and 3 re-inits, compressed when needed so that none falls in the last ``min_after`` units (and so
+    none after the final one). Raises when the schedule cannot fit.
+    """
+    if num_reinits < 1:
+        raise ValueError(f"num_reinits must be at least 1, got {num_reinits}.")
+    horizon = total - min_after
+    if horizon < num_reinits:
+        raise ValueError(
+            f"RIFLE cannot place {num_reinits} re-init(s) in {total} units of training while keeping the last "
+            f"{min_after} free of re-inits. Train longer, lower num_reinits, or lower min_epochs_after."
+        )
+    spacing = min(total / (num_reinits + 1), horizon / num_reinits)
+    points = [int(math.floor(i * spacing + 0.5)) for i in range(1, num_reinits + 1)]
+    if len(set(points)) != len(points) or points[0] < 1:
+        raise ValueError(f"RIFLE re-init points {points} collide; lower num_reinits or train longer.")
+    return points
+
+
+class RIFLE(Callback):
+    """Re-initialize the fully-connected head at evenly spaced points (Li et al., ICML 2020).
+
+    Re-initializing the head lets large errors reach the deep layers again. Points are epoch starts
+    (``interval="epoch"``) or optimizer steps (``"step"``, for ``max_steps`` training). By default none
+    falls in the last 5 epochs or last eighth of training (whichever is larger) and none after the
+    final one. The head's optimizer state (momentum, Adam moments) is cleared by default. The draw is
+    seeded per re-init, so DDP ranks get the same head and a resumed run the same one as an
+    uninterrupted run. Validation metrics dip after each re-init: early stopping and "best" checkpoints
+    should know.
+
+    Args:
+        num_reinits: How many re-inits, spread evenly (ignored when ``points`` is given).
+        points: Explicit epoch (or step) indices at whose start to re-initialize.
+        interval: ``"epoch"`` or ``"step"``.
+        min_epochs_after: Units at the end kept free of re-inits (default: max(5 epochs, 1/8 of
+            training) for epochs; 1/8 of training for steps).
+        reset_optimizer_state: Clear the head's optimizer state (``False`` reproduces the authors' code).
+        init: ``"random"`` (the head's own ``reset_parameters``) or ``"zero"`` (MEI-style).
+        head: Dotted name of the head; auto-detected by default.
+        seed: Base seed of the draws; by default taken from ``torch.initial_seed()`` on rank 0.
+
+    Example::
+
+        trainer = Trainer(max_epochs=40, callbacks=[RIFLE(num_reinits=3)])  # re-inits at epochs 10, 20, 30
+    """
+
+    def __init__(
+        self,
+        num_reinits: int = 2,
+        points: list[int] | None = None,
+        interval: Literal["epoch", "step"] = "epoch",
+        min_epochs_after: int | None = None,
+        reset_optimizer_state: bool = True,
+        init: Literal["random", "zero"] = "random",
+        head: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"interval must be 'epoch' or 'step', got {interval!r}.")
+        if init not in ("random", "zero"):
+            raise ValueError(f"init must be 'random' or 'zero', got {init!r}.")
+        if num_reinits < 1 and points is None:
+            raise ValueError(f"num_reinits must be at least 1, got {num_reinits}.")
+        if points is not None and (not points or min(points) < 1):
+            raise ValueError(f"points must be positive epoch/step indices, got {points}.")
+        self.num_reinits, self.points, self.interval = num_reinits, sorted(points) if points else None, interval
+        self.min_epochs_after, self.reset_optimizer_state, self.init = min_epochs_after, reset_optimizer_state, init
+        self.head, self.seed = head, seed
+        self.schedule: list[int] = []
+        self.done: list[int] = []
+        self._pending_log: int | None = None
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        find_head(pl_module, self.head)
+        if self.interval == "epoch":
+            total = trainer.max_epochs
+            if total is None or total < 0:
+                raise ValueError("RIFLE(interval='epoch') needs Trainer(max_epochs=...); use interval='step' with max_steps.")
+            default_after = max(5, math.ceil(total / 8))
+        else:
+            total = trainer.max_steps
+            if total is None or total < 0:
+                raise ValueError("RIFLE(interval='step') needs Trainer(max_steps=...).")
+            default_after = math.ceil(total / 8)
+        after = self.min_epochs_after if self.min_epochs_after is not None else default_after
+        if self.points is not None:
+            late = [p for p in self.points if p > total - after or p >= total]
+            if late:
+                raise ValueError(f"RIFLE points {late} fall in the last {after} {self.interval}s of {total} (or after the end).")
+            self.schedule = list(self.points)
+        else:
+            self.schedule = reinit_points(total, self.num_reinits, after)
+        if self.seed is None:
+            self.seed = int(trainer.strategy.broadcast(torch.initial_seed() % (2**31)))
+        rank_zero_warn(
+            f"RIFLE re-initializes the head at {self.interval}s {self.schedule}: validation metrics dip after each; "
+            "early stopping and best-checkpoint selection see those dips.",
+            category=UserWarning,
+        )
+
+    def _maybe_reinit(self, trainer: Trainer, pl_module: LightningModule, point: int) -> None:
+        if point not in self.schedule or point in self.done:
+            return
+        _, head = find_head(pl_module, self.head)
+        index = self.schedule.index(point)
+        if self.init == "zero":
+            zero_head_(final_linear(head))
+        else:
+            reinitialize_(head, self.seed + 1000 * (index + 1))
+        if self.reset_optimizer_state:
+            ids = {id(p) for p in head.parameters()}
+            for opt in trainer.optimizers:
+                for p in list(opt.state):
+                    if id(p) in ids:
+                        del opt.state[p]
+        self.done.append(point)
+        self._pending_log = len(self.done)
+        rank_zero_info(f"RIFLE: re-initialized the head at {self.interval} {point} ({len(self.done)}/{len(self.schedule)}).")
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.interval == "epoch":
+            self._maybe_reinit(trainer, pl_module, trainer.current_epoch)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.interval == "step":
+            self._maybe_reinit(trainer, pl_module, trainer.global_step)
+        if self._pending_log is not None:
+            pl_module.log("rifle/reinit", float(self._pending_log), on_step=True, on_epoch=False)
+            self._pending_log = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": list(self.done), "schedule": list(self.schedule), "seed": self.seed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = list(state_dict["done"])
+        self.seed = state_dict["seed"]
+        saved = list(state_dict["schedule"])
+        if self.schedule and saved != self.schedule:
+            rank_zero_warn(f"RIFLE schedule changed on resume: checkpoint {saved}, now {self.schedule}.")

@@ -1,0 +1,94 @@
+"""FeatureMapRegularization against the penalty written into the loss by hand."""
+
+import copy
+
+import pytest
+import torch
+
+from lightning_transfer import AnatomyError
+from lightning_transfer.callbacks import FeatureMapRegularization
+from lightning_transfer.functional.feature_maps import feature_map_penalty
+from tests.helpers import TinyClassifier, assert_params_close, params_of, quiet_trainer
+
+LAYERS = ["backbone.0", "backbone.1"]
+
+
+def hand_penalty(alpha):
+    """Reference: a frozen eval-mode copy of the backbone, the penalty added to the training loss."""
+    state = {}
+
+    def extra(module):
+        if "ref" not in state:
+            state["ref"] = copy.deepcopy(module.backbone).eval().requires_grad_(False)
+        x = module._last_x
+        live0 = module.backbone[0](x)
+        live1 = module.backbone[1](live0)
+        with torch.no_grad():
+            r0 = state["ref"][0](x)
+            r1 = state["ref"][1](r0)
+        total = 0.5 * alpha * ((live0 - r0).square().sum(1).mean() + (live1 - r1).square().sum(1).mean())
+        return total
+
+    return extra
+
+
+class RefModel(TinyClassifier):
+    def training_step(self, batch, batch_idx):
+        self._last_x = batch[0]
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("accumulate,clip", [(1, None), (2, 0.3)])
+def test_equals_penalty_in_the_loss(accumulate, clip):
+    alpha = 0.7
+    ref = RefModel(extra_loss=hand_penalty(alpha), batch_size=8, lr=0.05)
+    # the reference recomputes the features outside the hooks: BatchNorm in train mode would see the
+    # batch twice and update its statistics twice, so compare with a model without running-stat drift
+    ref.backbone[0][1].momentum = 0.0
+    quiet_trainer(max_steps=6, accumulate_grad_batches=accumulate, gradient_clip_val=clip).fit(ref)
+    model = TinyClassifier(batch_size=8, lr=0.05)
+    model.backbone[0][1].momentum = 0.0
+    cb = FeatureMapRegularization(LAYERS, alpha=alpha)
+    trainer = quiet_trainer(max_steps=6, accumulate_grad_batches=accumulate, gradient_clip_val=clip, callbacks=[cb])
+    trainer.fit(model)
+    assert_params_close(params_of(model), params_of(ref), rtol=1e-4, atol=1e-6)
+    assert float(trainer.callback_metrics["delta/penalty"]) > 0
+
+
+def test_penalty_function():
+    f = torch.randn(3, 4, 5, 5, requires_grad=True)
+    f0 = torch.randn(3, 4, 5, 5)
+    value = feature_map_penalty([f], [f0], alpha=0.4)
+    torch.testing.assert_close(value, 0.2 * ((f - f0) ** 2).sum((1, 2, 3)).mean())
+    w = torch.tensor([1.0, 0.0, 2.0, 0.5])
+    weighted = feature_map_penalty([f], [f0], 0.4, [w])
+    torch.testing.assert_close(weighted, 0.2 * (((f - f0) ** 2) * w.view(1, 4, 1, 1)).sum((1, 2, 3)).mean())
+    with pytest.raises(ValueError, match="differs from reference"):
+        feature_map_penalty([f], [f0[:, :2]], 1.0)
+
+
+def test_reference_is_frozen_and_unchanged():
+    model = TinyClassifier()
+    start = params_of(model.backbone)
+    cb = FeatureMapRegularization(LAYERS, alpha=0.1)
+    quiet_trainer(max_steps=4, callbacks=[cb]).fit(model)
+    assert all(not p.requires_grad for p in cb._reference.parameters())
+    assert_params_close(params_of(cb._reference), start)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="at least one layer"):
+        FeatureMapRegularization([])
+    model = TinyClassifier()
+    with pytest.raises(AnatomyError, match=r"Unknown layer 'backbone.7'.*Candidates"):
+        quiet_trainer(max_steps=1, callbacks=[FeatureMapRegularization(["backbone.7"])]).fit(model)
+    assert model.global_step == 0
+
+
+def test_root_never_called_is_an_error():
+    class Direct(TinyClassifier):
+        def forward(self, x):  # calls the layers without going through `backbone`
+            return self.head(self.backbone[1](self.backbone[0](x)))
+
+    with pytest.raises(RuntimeError, match="captured no features"):
+        quiet_trainer(max_steps=1, callbacks=[FeatureMapRegularization(LAYERS)]).fit(Direct())
