@@ -1,6 +1,7 @@
 """lightning-transfer: fine-tuning research methods as PyTorch Lightning callbacks."""
 
 from lightning_transfer.anatomy import AnatomyError, find_head, list_blocks
+from lightning_transfer.callbacks import DTNH, L2SP, RIFLE, FeatureMapRegularization, MaxEntropyHeadInit
 from lightning_transfer.data import AnimalMNISTDataModule, ImageFolderDataModule
 from lightning_transfer.model import TransferClassifier, build_backbone
 from lightning_transfer.optim import build_param_groups
@@ -8,7 +9,12 @@ from lightning_transfer.optim import build_param_groups
 __version__ = "0.1.0"
 
 __all__ = [
+    "DTNH",
+    "L2SP",
+    "RIFLE",
     "AnatomyError",
+    "FeatureMapRegularization",
+    "MaxEntropyHeadInit",
     "AnimalMNISTDataModule",
     "ImageFolderDataModule",
     "TransferClassifier",

@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_transfer.anatomy import AnatomyError, BlockGroup, find_head, final_linear, list_blocks
+from lightning_transfer.anatomy import AnatomyError, BlockGroup, final_linear, find_head, list_blocks
 from lightning_transfer.model import build_backbone
 
 NUM_CLASSES = 7

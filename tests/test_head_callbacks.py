@@ -23,7 +23,6 @@ class CaptureFirstLogits(Callback):
 
 def test_mei_uniform_then_backbone_frozen_for_one_step():
     model = TinyClassifier(lr=0.1)  # SGD, weight_decay 0
-    start = params_of(model)
     spy = CaptureFirstLogits()
     quiet_trainer(max_steps=1, callbacks=[MaxEntropyHeadInit(), spy]).fit(model)
     probs = torch.softmax(spy.logits, -1)

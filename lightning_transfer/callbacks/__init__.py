@@ -1,9 +1,16 @@
 """The library's callbacks, one per module."""
 
 from lightning_transfer.callbacks.base import GradientRegularizer
+from lightning_transfer.callbacks.dtnh import DTNH
 from lightning_transfer.callbacks.feature_map import FeatureMapRegularization
 from lightning_transfer.callbacks.l2sp import L2SP
 from lightning_transfer.callbacks.mei import MaxEntropyHeadInit
 from lightning_transfer.callbacks.rifle import RIFLE
 
-__all__ = ["RIFLE", "FeatureMapRegularization", "GradientRegularizer", "L2SP", "MaxEntropyHeadInit"]
+__all__ = [
+    "DTNH",
+    "RIFLE",
+    "FeatureMapRegularization", "GradientRegularizer",
+    "L2SP",
+    "MaxEntropyHeadInit",
+]
