@@ -28,11 +28,11 @@ class TinyClassifier(LightningModule):
 
     def __init__(self, dim: int = 16, classes: int = 4, optimizer: str = "sgd", lr: float = 0.1,
                  weight_decay: float = 0.0, extra_loss: Callable | None = None, batch_size: int = 16,
-                 n: int = 64, seed: int = 0):
+                 n: int = 64, seed: int = 0, norm: bool = True):
         super().__init__()
         torch.manual_seed(seed)
         self.backbone = nn.Sequential(
-            nn.Sequential(nn.Linear(dim, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU()),
+            nn.Sequential(nn.Linear(dim, 32, bias=False), nn.BatchNorm1d(32) if norm else nn.Identity(), nn.ReLU()),
             nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
         )
         self.head = nn.Linear(32, classes)

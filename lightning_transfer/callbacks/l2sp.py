@@ -167,6 +167,8 @@ class L2SP(GradientRegularizer):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._loaded is not None:  # loaded, not yet applied by a fit
+            return {"anchors": dict(self._loaded)}
         return {"anchors": {n: a.detach().cpu() for n, a in zip(self._names, self._anchors)}}
 
     @override

@@ -163,5 +163,7 @@ class RIFLE(Callback):
         self.done = list(state_dict["done"])
         self.seed = state_dict["seed"]
         saved = list(state_dict["schedule"])
-        if self.schedule and saved != self.schedule:
+        if not self.schedule:
+            self.schedule = saved
+        elif saved != self.schedule:
             rank_zero_warn(f"RIFLE schedule changed on resume: checkpoint {saved}, now {self.schedule}.")

@@ -1,0 +1,286 @@
+"""The contract every callback of the library passes (see REGISTRY): resume, DDP, precision,
+accumulation and clipping, state, LightningCLI, bad input, architectures."""
+
+import copy
+import io
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from lightning_transfer.cli import build_cli
+from tests.contract.registry import REGISTRY, Model
+from tests.helpers import TinyClassifier, assert_params_close, params_of, quiet_trainer
+
+NAMES = list(REGISTRY)
+
+
+class StopAfter(Callback):
+    """Interrupt a run at an epoch boundary (the checkpoint of that epoch is still written)."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_equals_uninterrupted(name, tmp_path):
+    epochs = REGISTRY[name].max_epochs
+    full = TinyClassifier(batch_size=8)
+    quiet_trainer(max_epochs=epochs, callbacks=REGISTRY[name].make(Model())).fit(full)
+
+    first = TinyClassifier(batch_size=8)
+    t1 = quiet_trainer(max_epochs=epochs, callbacks=[*REGISTRY[name].make(Model()), StopAfter(epochs // 2)],
+                       default_root_dir=tmp_path, enable_checkpointing=True)
+    t1.fit(first)
+    ckpt = t1.checkpoint_callback.best_model_path
+    resumed = TinyClassifier(batch_size=8, seed=123)  # different init: everything must come from the checkpoint
+    quiet_trainer(max_epochs=epochs, callbacks=REGISTRY[name].make(Model())).fit(resumed, ckpt_path=ckpt)
+    assert_params_close(params_of(resumed), params_of(full), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_ranks_stay_identical(name, tmp_path):
+    script = Path(__file__).with_name("ddp_run.py")
+    proc = subprocess.run([sys.executable, str(script), name, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert_params_close(ranks[0], ranks[1], rtol=0, atol=0)
+    start = params_of(TinyClassifier())
+    assert any(not torch.equal(start[k], ranks[0][k]) for k in start)
+
+
+def _run(name, model, batches=1, **kw):
+    """Epoch-based (so epoch schedules such as RIFLE's fire): max_epochs of the entry, `batches` per epoch."""
+    trainer = quiet_trainer(max_epochs=REGISTRY[name].max_epochs, limit_train_batches=batches,
+                            callbacks=REGISTRY[name].make(Model()), **kw)
+    trainer.fit(model)
+    return trainer
+
+
+def _update(name, precision=None, plugins=None):
+    model = TinyClassifier(batch_size=16, lr=0.02)
+    start = params_of(model)
+    kw = {"plugins": plugins} if plugins else {"precision": precision or "32-true"}
+    _run(name, model, **kw)
+    end = params_of(model)
+    return {k: end[k] - start[k] for k in start}
+
+
+def _relative_error(a, b):
+    num = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+    den = sum(float(b[k].norm() ** 2) for k in b) ** 0.5
+    return num / max(den, 1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_mixed_keeps_the_math(name):
+    fp32, bf16 = _update(name), _update(name, "bf16-mixed")
+    assert _relative_error(bf16, fp32) < 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradscaler_unscales_before_the_callback(name):
+    """A real GradScaler (scale 2**10) on CPU: a contribution added before unscaling would be 1024x off."""
+    fp32 = _update(name)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled = _update(name, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert _relative_error(scaled, fp32) < 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_accumulation_equals_full_batch(name):
+    ends = []
+    for batch, acc in ((16, 1), (8, 2)):
+        model = TinyClassifier(batch_size=batch, norm=False)  # no BatchNorm: batch statistics would differ
+        _run(name, model, batches=acc, accumulate_grad_batches=acc)
+        ends.append(params_of(model))
+    assert_params_close(ends[1], ends[0], rtol=1e-4, atol=1e-6)
+
+
+class RecordingSGD(torch.optim.SGD):
+    norms: list = []
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None  # Lightning's closure ends with clipping
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        RecordingSGD.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        super().step()
+        return loss
+
+
+class ClippedModel(TinyClassifier):
+    def configure_optimizers(self):
+        return RecordingSGD(self.parameters(), lr=0.5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_clipping_sees_the_final_gradient(name):
+    RecordingSGD.norms = []
+    _run(name, ClippedModel(), gradient_clip_val=0.01)
+    assert len(RecordingSGD.norms) == REGISTRY[name].max_epochs and max(RecordingSGD.norms) <= 0.01 * (1 + 1e-4)
+
+
+def _states_equal(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip(name):
+    trainer = _run(name, TinyClassifier())
+    callbacks = [cb for cb in trainer.callbacks if type(cb).__module__.startswith("lightning_transfer")]
+    for cb in callbacks:
+        state = cb.state_dict()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        fresh = copy.deepcopy(REGISTRY[name].make(Model())[callbacks.index(cb)])
+        fresh.load_state_dict(torch.load(buffer, weights_only=False))
+        assert _states_equal(fresh.state_dict(), state)
+        if REGISTRY[name].stateful and type(cb).__name__ != "DTNH":
+            assert state, f"{type(cb).__name__} saves no state"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].two_instances])
+def test_two_instances_coexist(name, tmp_path):
+    a, b = REGISTRY[name].make(Model())[0], REGISTRY[name].make(Model())[0]
+    b.alpha = a.alpha * 2  # a different configuration -> a different state key
+    trainer = quiet_trainer(max_epochs=1, callbacks=[a, b], default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(TinyClassifier())
+    ckpt = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
+    assert a.state_key != b.state_key and {a.state_key, b.state_key} <= set(ckpt["callbacks"])
+
+
+def _cli_args(tmp_path, callbacks_yaml):
+    config = {
+        "model": {"class_path": "tests.helpers.TinyClassifier"},
+        "data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"},
+        "trainer": {"callbacks": callbacks_yaml, "max_steps": 1, "logger": False, "accelerator": "cpu"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return ["--config", str(path)]  # run=False: no subcommand
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lightning_cli_builds_from_yaml(name, tmp_path):
+    entry = REGISTRY[name]
+    cli = build_cli(_cli_args(tmp_path, entry.yaml), run=False)
+    built = {type(cb).__name__: cb for cb in cli.trainer.callbacks}
+    for item in entry.yaml:
+        cls_name = item["class_path"].rsplit(".", 1)[1]
+        assert cls_name in built
+        for key, value in item.get("init_args", {}).items():
+            assert getattr(built[cls_name], key) == value
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cli_help_and_wrong_type(name, tmp_path):
+    class_path = REGISTRY[name].yaml[-1]["class_path"]
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        build_cli([f"--trainer.callbacks.help={class_path}"], run=False)
+    text = out.getvalue()
+    cls = class_path.rsplit(".", 1)[1]
+    params = [p for p in __import__("inspect").signature(getattr(__import__("lightning_transfer"), cls)).parameters]
+    assert all(p in text for p in params), text[:2000]
+    first = params[0]
+    bad = [{"class_path": class_path, "init_args": {first: {"not": "a valid value"}}}]
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()), pytest.raises(SystemExit):
+        build_cli(_cli_args(tmp_path, bad), run=False)
+    assert first in err.getvalue()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].bad])
+def test_bad_input_fails_before_the_first_step(name):
+    for make, exc, match in REGISTRY[name].bad:
+        model = TinyClassifier()
+        with pytest.raises(exc, match=match):
+            quiet_trainer(max_epochs=REGISTRY[name].max_epochs, callbacks=make()).fit(model)
+        assert model.global_step == 0
+
+
+class ImageModule(LightningModule):
+    """Any network + cross-entropy, on random 32x32 images."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g))
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+def _architectures():
+    import torchvision
+
+    from lightning_transfer.model import build_backbone
+
+    def plain():
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(), torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3),
+        )
+
+    archs = {
+        "torchvision_resnet18": (lambda: torchvision.models.resnet18(weights=None, num_classes=3), Model(None, ("net.layer1", "net.layer2"))),
+        "efficientnet_lite0": (lambda: build_backbone("efficientnet_lite0", 3, pretrained=False)[0], Model(None, ("net._blocks.2", "net._blocks.5"))),
+        "plain_module": (plain, Model("net.7", ("net.1", "net.3"))),
+    }
+    try:
+        import timm
+
+        archs["timm_resnet18"] = (lambda: timm.create_model("resnet18", pretrained=False, num_classes=3), Model(None, ("net.layer1",)))
+    except ImportError:  # pragma: no cover - timm is in the test extra
+        pass
+    return archs
+
+
+ARCHS = _architectures()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("name", NAMES)
+def test_works_across_architectures(name, arch):
+    make_net, info = ARCHS[arch]
+    module = ImageModule(make_net())
+    start = params_of(module)
+    callbacks = REGISTRY[name].make(info)
+    if any(type(cb).__name__ == "RIFLE" for cb in callbacks):
+        callbacks = [type(callbacks[0])(points=[1], min_epochs_after=1, head=info.head)]
+        quiet_trainer(max_epochs=3, callbacks=callbacks).fit(module)
+    else:
+        quiet_trainer(max_steps=2, callbacks=callbacks).fit(module)
+    end = params_of(module)
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert all(torch.isfinite(v).all() for v in end.values())
+
