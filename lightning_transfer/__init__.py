@@ -1,7 +1,14 @@
 """lightning-transfer: fine-tuning research methods as PyTorch Lightning callbacks."""
 
 from lightning_transfer.anatomy import AnatomyError, find_head, list_blocks
-from lightning_transfer.callbacks import DTNH, L2SP, RIFLE, FeatureMapRegularization, MaxEntropyHeadInit
+from lightning_transfer.callbacks import (
+    DTNH,
+    L2SP,
+    RIFLE,
+    FeatureMapRegularization,
+    FreezeSchedule,
+    MaxEntropyHeadInit,
+)
 from lightning_transfer.data import AnimalMNISTDataModule, ImageFolderDataModule
 from lightning_transfer.model import TransferClassifier, build_backbone
 from lightning_transfer.optim import build_param_groups
@@ -14,6 +21,7 @@ __all__ = [
     "RIFLE",
     "AnatomyError",
     "FeatureMapRegularization",
+    "FreezeSchedule",
     "MaxEntropyHeadInit",
     "AnimalMNISTDataModule",
     "ImageFolderDataModule",

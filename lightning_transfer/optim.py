@@ -34,8 +34,8 @@ def build_param_groups(
 
     Without ``layer_decay``: one group ``"decay"`` and one ``"no_decay"`` (norm and bias tensors, unless
     ``decay_norm_and_bias``). With ``layer_decay = ξ``: one pair per block of :func:`list_blocks`, the
-    block at distance ``d`` from the head getting ``lr·ξ^d`` (the head ``lr``). Frozen parameters are left
-    out. Each group carries ``name`` (``LearningRateMonitor`` shows it) and ``initial_lr_scale``.
+    block at distance ``d`` from the head getting ``lr·ξ^d`` (the head ``lr``). Frozen parameters are kept
+    (they get no gradient, hence no update, and train at their group's rate once unfrozen). Each group carries ``name`` (``LearningRateMonitor`` shows it) and ``initial_lr_scale``.
 
     Example::
 
@@ -56,7 +56,6 @@ def build_param_groups(
 
     groups: list[dict[str, Any]] = []
     for name, scale, params in sections:
-        params = [p for p in params if p.requires_grad]
         decay = [p for p in params if id(p) not in no_decay]
         plain = [p for p in params if id(p) in no_decay]
         for suffix, members, wd in (("", decay, weight_decay), ("no_decay", plain, 0.0)):

@@ -83,3 +83,26 @@ def assert_params_close(a: dict, b: dict, **tol) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
+
+
+class ImageModule(LightningModule):
+    """Any network + cross-entropy, on random 32x32 images."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g))
+        return torch.utils.data.DataLoader(data, batch_size=4)

@@ -3,6 +3,7 @@
 from lightning_transfer.callbacks.base import GradientRegularizer
 from lightning_transfer.callbacks.dtnh import DTNH
 from lightning_transfer.callbacks.feature_map import FeatureMapRegularization
+from lightning_transfer.callbacks.freeze import FreezeSchedule
 from lightning_transfer.callbacks.l2sp import L2SP
 from lightning_transfer.callbacks.mei import MaxEntropyHeadInit
 from lightning_transfer.callbacks.rifle import RIFLE
@@ -10,7 +11,9 @@ from lightning_transfer.callbacks.rifle import RIFLE
 __all__ = [
     "DTNH",
     "RIFLE",
-    "FeatureMapRegularization", "GradientRegularizer",
+    "FeatureMapRegularization",
+    "FreezeSchedule",
+    "GradientRegularizer",
     "L2SP",
     "MaxEntropyHeadInit",
 ]

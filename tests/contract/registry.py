@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from lightning.pytorch import Callback
 
-from lightning_transfer import DTNH, L2SP, RIFLE, AnatomyError, FeatureMapRegularization, MaxEntropyHeadInit
+from lightning_transfer import DTNH, L2SP, RIFLE, AnatomyError, FeatureMapRegularization, FreezeSchedule, MaxEntropyHeadInit
 
 
 @dataclass
@@ -72,5 +72,16 @@ REGISTRY: dict[str, Entry] = {
         yaml=[{"class_path": "lightning_transfer.RIFLE", "init_args": {"num_reinits": 1, "min_epochs_after": 1}}],
         bad=[(lambda: [RIFLE(num_reinits=9)], ValueError, "cannot place")],
         max_epochs=6,
+    ),
+    "FreezeSchedule": Entry(  # block 0 frozen throughout, block 1 unfrozen at epoch 2 (after the DDP wrap)
+        make=lambda m: [FreezeSchedule(milestones={0: 2, 2: 1}, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"milestones": {0: "all", 1: 0}}}],
+        bad=[(lambda: [FreezeSchedule(depth=3)], ValueError, "out of range"),
+             (lambda: [FreezeSchedule(milestones={0: 1, 9: 0})], ValueError, "past max_epochs")],
+    ),
+    "FreezeSchedule-gradual": Entry(
+        make=lambda m: [FreezeSchedule.gradual(every=1, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"depth": 1, "unfreeze_every": 2}}],
+        bad=[(lambda: [FreezeSchedule(depth=1, blocks=["backbone.9"])], AnatomyError, "match no parameter")],
     ),
 }

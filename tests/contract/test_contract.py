@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_transfer.cli import build_cli
 from tests.contract.registry import REGISTRY, Model
-from tests.helpers import TinyClassifier, assert_params_close, params_of, quiet_trainer
+from tests.helpers import ImageModule, TinyClassifier, assert_params_close, params_of, quiet_trainer
 
 NAMES = list(REGISTRY)
 
@@ -215,29 +215,6 @@ def test_bad_input_fails_before_the_first_step(name):
         with pytest.raises(exc, match=match):
             quiet_trainer(max_epochs=REGISTRY[name].max_epochs, callbacks=make()).fit(model)
         assert model.global_step == 0
-
-
-class ImageModule(LightningModule):
-    """Any network + cross-entropy, on random 32x32 images."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        data = torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g))
-        return torch.utils.data.DataLoader(data, batch_size=4)
 
 
 def _architectures():

@@ -1,0 +1,193 @@
+"""FreezeSchedule: freeze the first k blocks, with schedules (LP-FT, gradual unfreezing, milestones)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from typing_extensions import override
+
+from lightning_transfer.anatomy import list_blocks
+from lightning_transfer.freezing import ALL, depth_at, freeze_blocks, gradual_milestones, set_frozen_bn_eval
+
+__all__ = ["FreezeSchedule"]
+
+
+class FreezeSchedule(Callback):
+    """Freeze the first ``k`` blocks of :func:`~lightning_transfer.list_blocks` (the head never).
+
+    ``depth`` fixes k for the whole run (the "transfer depth"); ``milestones`` (epoch → depth) change it
+    at epoch starts; ``unfreeze_every`` unfreezes one block more every n epochs, top-down (gradual
+    unfreezing); :meth:`lp_ft` and :meth:`gradual` build the two common schedules.
+
+    What it guarantees, where Lightning's ``BackboneFinetuning`` and finetuning-scheduler do not:
+
+    * Frozen parameters get ``requires_grad=False`` (no gradient is computed), so momentum and weight
+      decay never move them; BatchNorm layers of frozen blocks stay in eval mode (``bn="eval"``) even
+      though Lightning calls ``model.train()`` every epoch.
+    * The optimizer holds all parameters from the start (frozen ones get no update), so a block that is
+      unfrozen trains with fresh optimizer state (cleared on unfreeze) at the learning rate its param
+      group has under any LR scheduler (OneCycleLR, LambdaLR, ...). A parameter in no optimizer group
+      is a clear error.
+    * Resume: the depth is a function of the epoch, re-applied at every epoch start, so a resumed run is
+      frozen exactly like an uninterrupted one (BackboneFinetuning stays frozen forever after a resume
+      past its unfreeze epoch, Lightning issue #21901).
+    * DDP: the first depth is applied before the model is wrapped; blocks unfrozen later are unknown to
+      DDP (Lightning issue #20340), so their gradients are averaged across ranks here, in one flat
+      all-reduce per step. A schedule that freezes more later needs
+      ``DDPStrategy(find_unused_parameters=True)`` and says so at setup. FSDP and DeepSpeed are rejected.
+
+    Args:
+        depth: Blocks frozen for the whole run (int or ``"all"``).
+        milestones: ``{epoch: depth}``; before the first milestone the depth is 0.
+        unfreeze_every: Gradual unfreezing: start at ``depth`` (default ``"all"``), one block fewer every
+            ``unfreeze_every`` epochs.
+        bn: ``"eval"`` (frozen BatchNorm keeps its running statistics) or ``"train"`` (they keep updating).
+        blocks: Explicit blocks (module names or regexes), see :func:`~lightning_transfer.list_blocks`.
+        head: Explicit head name.
+
+    Example::
+
+        trainer = Trainer(max_epochs=20, callbacks=[FreezeSchedule.lp_ft(probe_epochs=5)])
+    """
+
+    def __init__(
+        self,
+        depth: int | Literal["all"] | None = None,
+        milestones: dict[int, int | Literal["all"]] | None = None,
+        unfreeze_every: int | None = None,
+        bn: Literal["eval", "train"] = "eval",
+        blocks: list[str] | None = None,
+        head: str | None = None,
+    ) -> None:
+        if sum(x is not None for x in (milestones, unfreeze_every)) + (depth is not None and unfreeze_every is None) != 1:
+            raise ValueError("Give exactly one of: depth (fixed), milestones, or unfreeze_every (with an optional start depth).")
+        if bn not in ("eval", "train"):
+            raise ValueError(f"bn must be 'eval' or 'train', got {bn!r}.")
+        if milestones is not None and (not milestones or min(int(k) for k in milestones) < 0):
+            raise ValueError(f"milestones must map epochs >= 0 to depths, got {milestones}.")
+        self.depth, self.unfreeze_every, self.bn = depth, unfreeze_every, bn
+        self.milestones = {int(k): v for k, v in milestones.items()} if milestones is not None else None
+        self.blocks, self.head = blocks, head
+        self._blocks: list[tuple[str, torch.nn.Module]] = []
+        self._schedule: dict[int, int] = {}
+        self.current_depth: int | None = None
+        self._ddp_managed: set[int] = set()
+
+    @classmethod
+    def lp_ft(cls, probe_epochs: int, **kwargs: Any) -> FreezeSchedule:
+        """Linear probing for ``probe_epochs`` (everything but the head frozen), then full fine-tuning."""
+        if probe_epochs < 1:
+            raise ValueError(f"probe_epochs must be at least 1, got {probe_epochs}.")
+        return cls(milestones={0: ALL, probe_epochs: 0}, **kwargs)
+
+    @classmethod
+    def gradual(cls, every: int, start: int | Literal["all"] = ALL, **kwargs: Any) -> FreezeSchedule:
+        """Gradual unfreezing: one block more every ``every`` epochs, top-down, from ``start`` frozen blocks."""
+        return cls(depth=start, unfreeze_every=every, **kwargs)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"FreezeSchedule supports single-device and DDP strategies, not {type(trainer.strategy).__name__}: "
+                "sharded strategies (FSDP, DeepSpeed) flatten parameters, so requires_grad cannot change per block."
+            )
+        self._blocks = list_blocks(pl_module, self.blocks, self.head)
+        n = len(self._blocks) - 1
+        if self.milestones is not None:
+            self._schedule = {e: depth_at(e, self.milestones, n) for e in self.milestones}
+        elif self.unfreeze_every is not None:
+            self._schedule = gradual_milestones(n, self.unfreeze_every, ALL if self.depth is None else self.depth)
+        else:
+            self._schedule = {0: depth_at(0, {0: self.depth}, n)}
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        late = [e for e in self._schedule if max_epochs is not None and e >= max_epochs and e > 0]
+        if late and self.unfreeze_every is None:
+            raise ValueError(f"milestones at epochs {late} are past max_epochs={max_epochs}: they would never apply.")
+        depths = [self._schedule[e] for e in sorted(self._schedule)]
+        refreezes = any(b > a for a, b in zip(depths, depths[1:]))
+        if refreezes and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
+            if not trainer.strategy._ddp_kwargs.get("find_unused_parameters", False):
+                raise ValueError(
+                    "This schedule freezes more blocks later; under DDP that needs "
+                    "Trainer(strategy=DDPStrategy(find_unused_parameters=True))."
+                )
+        self.current_depth = None
+        self._apply(trainer, self._depth_for(0))  # before DDP wraps the model
+
+    def _depth_for(self, epoch: int) -> int:
+        return depth_at(epoch, self._schedule, len(self._blocks) - 1)
+
+    def _apply(self, trainer: Trainer | None, depth: int) -> None:
+        previous = self.current_depth
+        freeze_blocks(self._blocks, depth, self.bn)
+        if trainer is not None and previous is not None and depth < previous:
+            # blocks depth..previous-1 train again: fresh optimizer state (momentum from before is stale)
+            ids = {id(p) for _, block in self._blocks[depth:previous] for p in block.parameters()}
+            for opt in trainer.optimizers:
+                for p in [p for p in opt.state if id(p) in ids]:
+                    del opt.state[p]
+        self.current_depth = depth
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        in_blocks = {id(p) for _, block in self._blocks for p in block.parameters()}
+        missing = [n for n, p in pl_module.named_parameters() if id(p) in in_blocks and id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} parameter(s) that FreezeSchedule may unfreeze are in no optimizer param group "
+                f"(e.g. {missing[:3]}). Build the optimizer over all parameters, e.g. "
+                "torch.optim.SGD(self.parameters(), ...): frozen ones get no gradient and no update."
+            )
+        self._ddp_managed = {id(p) for p in pl_module.parameters() if p.requires_grad}
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        depth = self._depth_for(trainer.current_epoch)
+        if depth != self.current_depth:
+            self._apply(trainer, depth)
+        set_frozen_bn_eval(self._blocks, depth, self.bn)
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        pl_module.log("freeze/depth", float(depth), on_step=False, on_epoch=True)
+        pl_module.log("freeze/trainable_params", float(trainable), on_step=False, on_epoch=True)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        set_frozen_bn_eval(self._blocks, self.current_depth or 0, self.bn)  # validation calls model.train()
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size <= 1 or not isinstance(trainer.strategy, DDPStrategy):
+            return
+        # Blocks unfrozen after DDP wrapped the model are unknown to DDP: average their gradients here,
+        # after every backward (linear, so exact under accumulation) and before any callback reads them.
+        late = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in self._ddp_managed]
+        if late:
+            for p in late:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = trainer.strategy.reduce(torch.cat([p.grad.reshape(-1) for p in late]), reduce_op="mean")
+            torch._foreach_copy_([p.grad for p in late], [c.view_as(p) for c, p in zip(flat.split([p.numel() for p in late]), late)])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": dict(self._schedule), "depth": self.current_depth}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {int(k): v for k, v in state_dict["schedule"].items()}
+        if self._schedule and saved != self._schedule:
+            raise ValueError(f"The checkpoint was trained with freeze schedule {saved}, this run has {self._schedule}.")
+        self._schedule = saved
+        if self._blocks and state_dict["depth"] is not None:
+            # restored before DDP wraps the model: freeze as the checkpointed run was at its last epoch
+            self.current_depth = None
+            self._apply(None, state_dict["depth"])
+        else:
+            self.current_depth = state_dict["depth"]
