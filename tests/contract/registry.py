@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 
 from lightning.pytorch import Callback
 
-from lightning_transfer import DTNH, L2SP, RIFLE, AnatomyError, FeatureMapRegularization, FreezeSchedule, MaxEntropyHeadInit
+from lightning_transfer import (
+    DTNH,
+    L2SP,
+    RIFLE,
+    AnatomyError,
+    FeatureMapRegularization,
+    FreezeSchedule,
+    MaxEntropyHeadInit,
+)
 
 
 @dataclass
