@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -67,8 +68,12 @@ class TinyClassifier(LightningModule):
         return DataLoader(make_data(32, self.dim, self.classes, seed=1), batch_size=16)
 
 
+# LT_TEST_ACCELERATOR=gpu runs the single-device tests on a GPU (the device machine); CI runs them on CPU.
+ACCELERATOR = os.environ.get("LT_TEST_ACCELERATOR", "cpu")
+
+
 def quiet_trainer(**kwargs) -> Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    defaults = dict(accelerator=ACCELERATOR, devices=1, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                     limit_val_batches=0, deterministic=True)
     defaults.update(kwargs)

@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_transfer.cli import build_cli
 from tests.contract.registry import REGISTRY, Model
-from tests.helpers import ImageModule, TinyClassifier, assert_params_close, params_of, quiet_trainer
+from tests.helpers import ACCELERATOR, ImageModule, TinyClassifier, assert_params_close, params_of, quiet_trainer
 
 NAMES = list(REGISTRY)
 
@@ -93,8 +93,9 @@ def test_bf16_mixed_keeps_the_math(name):
 def test_gradscaler_unscales_before_the_callback(name):
     """A real GradScaler (scale 2**10) on CPU: a contribution added before unscaling would be 1024x off."""
     fp32 = _update(name)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    scaled = _update(name, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    device = "cuda" if ACCELERATOR == "gpu" else "cpu"
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    scaled = _update(name, plugins=[MixedPrecision("16-mixed", device, scaler=scaler)])
     assert _relative_error(scaled, fp32) < 0.05
 
 
