@@ -8,10 +8,12 @@ from lightning_transfer.callbacks import (
     FeatureMapRegularization,
     FreezeSchedule,
     MaxEntropyHeadInit,
+    RepresentationSimilarity,
 )
 from lightning_transfer.data import AnimalMNISTDataModule, ImageFolderDataModule
 from lightning_transfer.model import TransferClassifier, build_backbone
 from lightning_transfer.optim import build_param_groups
+from lightning_transfer.scan import depth_scan
 
 __version__ = "0.1.0"
 
@@ -23,11 +25,13 @@ __all__ = [
     "FeatureMapRegularization",
     "FreezeSchedule",
     "MaxEntropyHeadInit",
+    "RepresentationSimilarity",
     "AnimalMNISTDataModule",
     "ImageFolderDataModule",
     "TransferClassifier",
     "build_backbone",
     "build_param_groups",
+    "depth_scan",
     "find_head",
     "list_blocks",
 ]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -29,9 +29,10 @@ class TinyClassifier(LightningModule):
 
     def __init__(self, dim: int = 16, classes: int = 4, optimizer: str = "sgd", lr: float = 0.1,
                  weight_decay: float = 0.0, extra_loss: Callable | None = None, batch_size: int = 16,
-                 n: int = 64, seed: int = 0, norm: bool = True):
+                 n: int = 64, seed: int | None = 0, norm: bool = True):
         super().__init__()
-        torch.manual_seed(seed)
+        if seed is not None:  # None: whatever seed_everything set
+            torch.manual_seed(seed)
         self.backbone = nn.Sequential(
             nn.Sequential(nn.Linear(dim, 32, bias=False), nn.BatchNorm1d(32) if norm else nn.Identity(), nn.ReLU()),
             nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
@@ -55,6 +56,10 @@ class TinyClassifier(LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
     def configure_optimizers(self):
         if self.optimizer_name == "sgd":
@@ -107,7 +112,30 @@ class ImageModule(LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
+    def val_dataloader(self):  # probe data for RepresentationSimilarity (no validation_step: no val loop)
+        return self.train_dataloader()
+
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
         data = torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g))
         return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+class TinyDataModule(LightningDataModule):
+    """make_data() split into train/val/test, with the per_class and seed knobs of the real data modules."""
+
+    def __init__(self, per_class: int = 8, seed: int = 0, batch_size: int = 16):
+        super().__init__()
+        self.per_class, self.seed, self.batch_size = per_class, seed, batch_size
+
+    def _split(self, offset, n):
+        return make_data(n, 16, 4, seed=self.seed * 100 + offset)
+
+    def train_dataloader(self):
+        return DataLoader(self._split(0, 4 * self.per_class), batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(self._split(1, 32), batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(self._split(2, 32), batch_size=self.batch_size)

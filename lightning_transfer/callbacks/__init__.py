@@ -7,6 +7,7 @@ from lightning_transfer.callbacks.freeze import FreezeSchedule
 from lightning_transfer.callbacks.l2sp import L2SP
 from lightning_transfer.callbacks.mei import MaxEntropyHeadInit
 from lightning_transfer.callbacks.rifle import RIFLE
+from lightning_transfer.callbacks.similarity import RepresentationSimilarity
 
 __all__ = [
     "DTNH",
@@ -16,4 +17,5 @@ __all__ = [
     "GradientRegularizer",
     "L2SP",
     "MaxEntropyHeadInit",
+    "RepresentationSimilarity",
 ]

@@ -5,14 +5,17 @@ from lightning_transfer.functional.fisher import estimate_fisher, load_fisher, m
 from lightning_transfer.functional.head_init import output_entropy, reinitialize_, zero_head_
 from lightning_transfer.functional.penalties import NORMS, group_by_device_dtype, sp_penalty_and_grad
 from lightning_transfer.functional.projection import project_conflicting
+from lightning_transfer.functional.similarity import linear_cka, neighbourhood_overlap
 
 __all__ = [
     "NORMS",
     "estimate_fisher",
     "feature_map_penalty",
     "group_by_device_dtype",
+    "linear_cka",
     "load_fisher",
     "match_fisher",
+    "neighbourhood_overlap",
     "output_entropy",
     "project_conflicting",
     "reinitialize_",

@@ -14,7 +14,7 @@ if __name__ == "__main__":
     name, out = sys.argv[1], Path(sys.argv[2])
     model = TinyClassifier(batch_size=8)
     trainer = quiet_trainer(max_epochs=REGISTRY[name].max_epochs, accelerator="cpu", devices=2, strategy="ddp",
-                            callbacks=REGISTRY[name].make(Model()), deterministic=False)
+                            callbacks=REGISTRY[name].make(Model()), deterministic=False, **REGISTRY[name].trainer)
     trainer.fit(model)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.save(state, out / f"rank{trainer.global_rank}.pt")

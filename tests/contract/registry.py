@@ -15,6 +15,7 @@ from lightning_transfer import (
     FeatureMapRegularization,
     FreezeSchedule,
     MaxEntropyHeadInit,
+    RepresentationSimilarity,
 )
 
 
@@ -34,6 +35,7 @@ class Entry:
     max_epochs: int = 4  # resume tests stop at max_epochs // 2
     stateful: bool = True
     two_instances: bool = False
+    trainer: dict = field(default_factory=dict)  # extra Trainer arguments the callback needs
 
 
 def _l2sp(m: Model) -> list[Callback]:
@@ -91,5 +93,11 @@ REGISTRY: dict[str, Entry] = {
         make=lambda m: [FreezeSchedule.gradual(every=1, head=m.head)],
         yaml=[{"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"depth": 1, "unfreeze_every": 2}}],
         bad=[(lambda: [FreezeSchedule(depth=1, blocks=["backbone.9"])], AnatomyError, "match no parameter")],
+    ),
+    "RepresentationSimilarity": Entry(
+        make=lambda m: [RepresentationSimilarity(blocks=None, probe_size=16, measures=["cka", "overlap"], k=3)],
+        yaml=[{"class_path": "lightning_transfer.RepresentationSimilarity", "init_args": {"probe_size": 64}}],
+        bad=[(lambda: [RepresentationSimilarity(blocks=["backbone.5"])], AnatomyError, "match no parameter")],
+        trainer={"limit_val_batches": 2},
     ),
 }

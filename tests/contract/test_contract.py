@@ -35,16 +35,17 @@ class StopAfter(Callback):
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_equals_uninterrupted(name, tmp_path):
     epochs = REGISTRY[name].max_epochs
+    extra = REGISTRY[name].trainer
     full = TinyClassifier(batch_size=8)
-    quiet_trainer(max_epochs=epochs, callbacks=REGISTRY[name].make(Model())).fit(full)
+    quiet_trainer(max_epochs=epochs, callbacks=REGISTRY[name].make(Model()), **extra).fit(full)
 
     first = TinyClassifier(batch_size=8)
     t1 = quiet_trainer(max_epochs=epochs, callbacks=[*REGISTRY[name].make(Model()), StopAfter(epochs // 2)],
-                       default_root_dir=tmp_path, enable_checkpointing=True)
+                       default_root_dir=tmp_path, enable_checkpointing=True, **extra)
     t1.fit(first)
     ckpt = t1.checkpoint_callback.best_model_path
     resumed = TinyClassifier(batch_size=8, seed=123)  # different init: everything must come from the checkpoint
-    quiet_trainer(max_epochs=epochs, callbacks=REGISTRY[name].make(Model())).fit(resumed, ckpt_path=ckpt)
+    quiet_trainer(max_epochs=epochs, callbacks=REGISTRY[name].make(Model()), **extra).fit(resumed, ckpt_path=ckpt)
     assert_params_close(params_of(resumed), params_of(full), rtol=1e-5, atol=1e-6)
 
 
@@ -63,7 +64,7 @@ def test_ddp_ranks_stay_identical(name, tmp_path):
 def _run(name, model, batches=1, **kw):
     """Epoch-based (so epoch schedules such as RIFLE's fire): max_epochs of the entry, `batches` per epoch."""
     trainer = quiet_trainer(max_epochs=REGISTRY[name].max_epochs, limit_train_batches=batches,
-                            callbacks=REGISTRY[name].make(Model()), **kw)
+                            callbacks=REGISTRY[name].make(Model()), **{**REGISTRY[name].trainer, **kw})
     trainer.fit(model)
     return trainer
 
@@ -162,7 +163,8 @@ def test_state_dict_round_trip(name):
 def test_two_instances_coexist(name, tmp_path):
     a, b = REGISTRY[name].make(Model())[0], REGISTRY[name].make(Model())[0]
     b.alpha = a.alpha * 2  # a different configuration -> a different state key
-    trainer = quiet_trainer(max_epochs=1, callbacks=[a, b], default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[a, b], default_root_dir=tmp_path, enable_checkpointing=True,
+                            **REGISTRY[name].trainer)
     trainer.fit(TinyClassifier())
     ckpt = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
     assert a.state_key != b.state_key and {a.state_key, b.state_key} <= set(ckpt["callbacks"])
@@ -214,7 +216,7 @@ def test_bad_input_fails_before_the_first_step(name):
     for make, exc, match in REGISTRY[name].bad:
         model = TinyClassifier()
         with pytest.raises(exc, match=match):
-            quiet_trainer(max_epochs=REGISTRY[name].max_epochs, callbacks=make()).fit(model)
+            quiet_trainer(max_epochs=REGISTRY[name].max_epochs, callbacks=make(), **REGISTRY[name].trainer).fit(model)
         assert model.global_step == 0
 
 

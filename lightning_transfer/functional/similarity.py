@@ -1,0 +1,59 @@
+"""Representation similarity: linear CKA and neighbourhood overlap."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["linear_cka", "neighbourhood_overlap"]
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).double()
+
+
+def linear_cka(x: Tensor, y: Tensor) -> Tensor:
+    """Linear centred kernel alignment (Kornblith et al., 2019) between two sets of activations.
+
+    ``x`` (n, ...) and ``y`` (n, ...) hold the same n examples (any trailing shape; flattened). Uses the
+    n×n Gram form ``⟨HKH, HLH⟩ / (‖HKH‖·‖HLH‖)`` with ``K = XXᵀ``, ``L = YYᵀ``, so wide feature maps
+    cost O(n²·p). Invariant to orthogonal transforms and isotropic scaling; ``CKA(X, X) = 1``.
+
+    Example::
+
+        >>> x = torch.randn(50, 8)
+        >>> round(float(linear_cka(x, 3 * x)), 6)
+        1.0
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"CKA needs the same examples: {x.shape[0]} vs {y.shape[0]} rows.")
+    if x.shape[0] < 2:
+        raise ValueError("CKA needs at least 2 examples.")
+    k, l_ = _flat(x), _flat(y)
+    k, l_ = k - k.mean(0, keepdim=True), l_ - l_.mean(0, keepdim=True)  # centring the features centres the Gram
+    gk, gl = k @ k.T, l_ @ l_.T
+    hsic = (gk * gl).sum()
+    denom = gk.norm() * gl.norm()
+    return (hsic / denom).float() if denom > 0 else torch.zeros((), dtype=torch.float32)
+
+
+def neighbourhood_overlap(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
+    """Mean fraction of each example's ``k`` nearest neighbours shared by the two representations.
+
+    The measure of Doimo et al. (2020) used by the layer-defrosting paper: 1 when both spaces have the
+    same neighbourhoods, about ``k/(n-1)`` for unrelated ones.
+    """
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"neighbourhood_overlap needs the same examples: {n} vs {y.shape[0]} rows.")
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}], got {k}.")
+
+    def knn(z: Tensor) -> Tensor:
+        d = torch.cdist(_flat(z), _flat(z))
+        d.fill_diagonal_(float("inf"))
+        return d.topk(k, largest=False).indices
+
+    a, b = knn(x), knn(y)
+    shared = (a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum(1)
+    return (shared.float() / k).mean()

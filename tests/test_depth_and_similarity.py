@@ -1,0 +1,115 @@
+"""CKA and neighbourhood overlap against references, RepresentationSimilarity, and the depth scan."""
+
+import csv
+
+import pytest
+import torch
+import yaml
+
+from lightning_transfer.callbacks.similarity import RepresentationSimilarity
+from lightning_transfer.functional.similarity import linear_cka, neighbourhood_overlap
+from lightning_transfer.scan import depth_scan, summarize
+from tests.helpers import TinyClassifier, TinyDataModule, quiet_trainer
+
+
+def feature_space_cka(x, y):
+    """Reference: Kornblith et al.'s feature-space form ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)."""
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return (y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())
+
+
+def test_cka_properties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    y = torch.randn(40, 7, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    assert float(linear_cka(x, x)) == pytest.approx(1.0, abs=1e-6)
+    assert float(linear_cka(x, 5.0 * x @ q)) == pytest.approx(1.0, abs=1e-6)  # orthogonal + isotropic scaling
+    assert float(linear_cka(x, y)) == pytest.approx(float(feature_space_cka(x, y)), abs=1e-6)
+    assert 0.0 <= float(linear_cka(x, y)) < 0.5
+    # not invariant to arbitrary (non-orthogonal) linear maps, as the measure intends
+    a = torch.randn(12, 12, generator=g, dtype=torch.float64) * torch.logspace(0, 2, 12, dtype=torch.float64)
+    assert float(linear_cka(x, x @ a)) < 0.99
+    # feature maps of any shape are flattened
+    fm = torch.randn(10, 3, 4, 4, generator=g)
+    assert float(linear_cka(fm, fm.flip(1))) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="same examples"):
+        linear_cka(x, y[:5])
+
+
+def test_neighbourhood_overlap():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 5, generator=g)
+    assert float(neighbourhood_overlap(x, x[:, torch.randperm(5, generator=g)] * 3, k=5)) == 1.0
+    unrelated = float(neighbourhood_overlap(x, torch.randn(60, 5, generator=g), k=5))
+    assert unrelated < 0.4
+    with pytest.raises(ValueError, match="k must be"):
+        neighbourhood_overlap(x, x, k=60)
+
+
+def test_similarity_callback_logs_per_block_and_draws_heatmap(tmp_path):
+    frozen_lr = TinyClassifier(lr=0.0, norm=False)  # nothing moves (no BatchNorm statistics either)
+    cb = RepresentationSimilarity(probe_size=32, measures=["cka", "overlap"], k=5, heatmap=str(tmp_path / "cka.png"))
+    trainer = quiet_trainer(max_epochs=2, callbacks=[cb], limit_val_batches=None)
+    trainer.fit(frozen_lr, datamodule=TinyDataModule())
+    assert cb.epochs == [0, 1]
+    for name in ("backbone.0", "backbone.1", "head"):
+        assert cb.history[f"cka/{name}"] == pytest.approx([1.0, 1.0], abs=1e-5)
+        assert f"cka/{name}" in trainer.callback_metrics
+    assert (tmp_path / "cka.png").stat().st_size > 1000
+    moving = RepresentationSimilarity(probe_size=32)
+    quiet_trainer(max_epochs=3, callbacks=[moving], limit_val_batches=None).fit(TinyClassifier(lr=1.0), datamodule=TinyDataModule())
+    assert moving.history["cka/head"][-1] < 0.999
+
+
+def test_similarity_bad_input():
+    with pytest.raises(ValueError, match="measures"):
+        RepresentationSimilarity(measures=["svcca"])
+    with pytest.raises(ValueError, match="probe_size"):
+        RepresentationSimilarity(probe_size=1)
+
+
+def _scan_config(tmp_path):
+    config = {
+        "model": {"class_path": "tests.helpers.TinyClassifier", "init_args": {"seed": None}},
+        "data": {"class_path": "tests.helpers.TinyDataModule"},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "num_sanity_val_steps": 0},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_depth_scan_same_start_resume_and_selection(tmp_path, capsys):
+    cfg, out = _scan_config(tmp_path), tmp_path / "scan"
+    rows = depth_scan([cfg], depths=[0, 1], seeds=[0, 1], out_dir=out, plot=False)
+    by_seed = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], set()).add(r["init_sha"])
+    assert all(len(shas) == 1 for shas in by_seed.values()), "runs of one seed must start from identical weights"
+    assert by_seed["0"] != by_seed["1"]
+    first = {(r["seed"], r["depth"]): r["seconds"] for r in rows}
+    capsys.readouterr()
+    rows = depth_scan([cfg], depths=[0, 1, 2], seeds=[0, 1], out_dir=out, plot=True)
+    printed = capsys.readouterr().out
+    assert printed.count("done before, skipped") == 4 and printed.count(": running") == 2
+    assert {(r["seed"], r["depth"]): r["seconds"] for r in rows if r["depth"] != "2"} == first
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert (out / "depth_scan.png").is_file() and "chosen on val" in (out / "results.md").read_text()
+
+
+def test_selection_uses_validation_not_test():
+    rows = [
+        {"per_class": "10", "seed": "0", "depth": "0", "val_acc": "0.9", "test_acc": "0.1"},
+        {"per_class": "10", "seed": "0", "depth": "1", "val_acc": "0.5", "test_acc": "0.99"},
+    ]
+    md = summarize(rows)
+    assert "| 0 **(chosen on val)**" in md and "| 1 **" not in md
+
+
+def test_depth_scan_rejects_out_of_range_depths(tmp_path):
+    with pytest.raises(ValueError, match=r"depths \[7\] out of range.*2 blocks"):
+        depth_scan([_scan_config(tmp_path)], depths=[0, 7], out_dir=tmp_path / "scan")
+    assert not (tmp_path / "scan" / "results.csv").exists()
