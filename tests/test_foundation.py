@@ -8,7 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_transfer import AnimalMNISTDataModule, ImageFolderDataModule, TransferClassifier, build_backbone
+from lightning_transfer import (
+    AnimalMNISTDataModule,
+    ImageFolderDataModule,
+    TransferClassifier,
+    build_backbone,
+)
 from lightning_transfer.assets import MissingAssetError, efficientnet_lite0_weights, load_animal_mnist
 from lightning_transfer.cli import build_cli
 

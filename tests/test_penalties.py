@@ -81,3 +81,22 @@ def test_bad_arguments():
         sp_penalty_and_grad([torch.ones(1)], None, -1.0)
     with pytest.raises(ValueError, match="norm must be one of"):
         sp_penalty_and_grad([torch.ones(1)], None, 1.0, "l3")
+
+
+@pytest.mark.parametrize("compute_value", [True, False])
+@pytest.mark.parametrize("use_anchor", [True, False])
+def test_fused_l2sp_in_place_matches_autograd(compute_value, use_anchor):
+    from lightning_transfer.functional.penalties import add_l2sp_grad_
+
+    params, anchors, _ = _tensors(torch.float32, seed=4)
+    anchors = anchors if use_anchor else None
+    ref = reference_penalty(params, anchors, 0.2, "l2")
+    ref_grads = torch.autograd.grad(ref, params)
+    grads = [torch.ones_like(p) for p in params]
+    value = add_l2sp_grad_(grads, params, anchors, 0.2, compute_value)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, 1.0 + rg)
+    if compute_value:
+        torch.testing.assert_close(value, ref.detach())
+    else:
+        assert value is None

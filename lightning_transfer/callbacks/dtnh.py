@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_transfer.callbacks.base import GradientRegularizer
-from lightning_transfer.functional.projection import project_conflicting
+from lightning_transfer.functional.projection import project_conflicting_
 
 __all__ = ["DTNH"]
 
@@ -79,8 +79,6 @@ class DTNH(Callback):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        d, stats = project_conflicting(grads, [r for _, r in merged.values()], self.granularity, self.eps)
-        torch._foreach_copy_(grads, d)
+        stats = project_conflicting_([p.grad for p in params], [r for _, r in merged.values()], self.granularity, self.eps)
         for key, value in stats.items():
             pl_module.log(f"dtnh/{key}", value, on_step=True, on_epoch=False)

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_transfer.callbacks.base import GradientRegularizer, select_parameters, warn_weight_decay_on
 from lightning_transfer.functional.fisher import load_fisher, match_fisher
-from lightning_transfer.functional.penalties import NORMS, sp_penalty_and_grad
+from lightning_transfer.functional.penalties import NORMS, add_l2sp_grad_, sp_penalty_and_grad
 
 __all__ = ["L2SP"]
 
@@ -143,8 +143,32 @@ class L2SP(GradientRegularizer):
         pl_module.log(f"{self.prefix}/penalty", value, on_step=True, on_epoch=False)
         return list(params), grads
 
+    def _log_now(self, trainer: Trainer) -> bool:
+        """The penalty value costs a pass over w and w0: compute it on the steps the loggers record."""
+        return trainer.logger is None or trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        if self.deferred:
+            return
+        if not self.decoupled and self.norm == "l2" and self._fisher is None:  # fused in-place fast path
+            params, anchors, _ = self._active()
+            params = list(params)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            log_now = self._log_now(trainer)
+            value = add_l2sp_grad_([p.grad for p in params], params, anchors, self.alpha, log_now)
+            head = [p for p in self._head_params if p.requires_grad]
+            if self.beta > 0 and head:
+                for p in head:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                head_value = add_l2sp_grad_([p.grad for p in head], head, None, self.beta, log_now)
+                value = head_value if value is None else value + head_value
+            if log_now and value is not None:
+                pl_module.log(f"{self.prefix}/penalty", value, on_step=True, on_epoch=False)
+            return
         if not self.decoupled:
             return super().on_before_optimizer_step(trainer, pl_module, optimizer)
         with torch.no_grad():

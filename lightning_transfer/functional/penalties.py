@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["NORMS", "Norm", "group_by_device_dtype", "sp_penalty_and_grad"]
+__all__ = ["NORMS", "Norm", "add_l2sp_grad_", "group_by_device_dtype", "sp_penalty_and_grad"]
 
 Norm = Literal["l2", "l1", "group_lasso"]
 NORMS = ("l2", "l1", "group_lasso")
@@ -152,3 +152,35 @@ def _sp_group(params, anchors, alpha, norm, fisher, compute_value):
             g = g * f
         grads.append(g.to(x.dtype))
     return value, grads
+
+
+@torch.no_grad()
+def add_l2sp_grad_(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    anchors: Sequence[Tensor] | None,
+    alpha: float,
+    compute_value: bool = True,
+) -> Tensor | None:
+    """In place ``g += α·(w − w0)`` (plain L2-SP), returning ``α/2·‖w − w0‖²`` when ``compute_value``.
+
+    The fast path of :func:`sp_penalty_and_grad` for the default norm: without the value it makes no
+    temporary (two fused in-place passes over ``g``); with it, one temporary ``w − w0`` of each group.
+    """
+    value = None
+    for idx in group_by_device_dtype(list(params)).values():
+        g = [grads[i] for i in idx]
+        w = [params[i].detach() for i in idx]
+        w0 = [anchors[i] for i in idx] if anchors is not None else None
+        if w0 is not None and w0[0].dtype != w[0].dtype:
+            w0 = [a.to(w[0].dtype) for a in w0]
+        if compute_value:
+            d = _deltas(w, w0)
+            part = 0.5 * alpha * torch.stack(torch._foreach_norm(d, 2)).float().square().sum()
+            torch._foreach_add_(g, d, alpha=alpha)
+            value = part if value is None else value + part.to(value.device)
+        else:
+            torch._foreach_add_(g, w, alpha=alpha)
+            if w0 is not None:
+                torch._foreach_add_(g, w0, alpha=-alpha)
+    return value

@@ -16,7 +16,14 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_transfer.cli import build_cli
 from tests.contract.registry import REGISTRY, Model
-from tests.helpers import ACCELERATOR, ImageModule, TinyClassifier, assert_params_close, params_of, quiet_trainer
+from tests.helpers import (
+    ACCELERATOR,
+    ImageModule,
+    TinyClassifier,
+    assert_params_close,
+    params_of,
+    quiet_trainer,
+)
 
 NAMES = list(REGISTRY)
 
