@@ -135,12 +135,15 @@ class L2SP(GradientRegularizer):
     @override
     def regularizer_gradients(self, trainer: Trainer, pl_module: LightningModule) -> tuple[list[Tensor], list[Tensor]]:
         params, anchors, fisher = self._active()
-        value, grads = sp_penalty_and_grad(params, anchors, self.alpha, self.norm, fisher)
+        log_now = self._log_now(trainer)
+        value, grads = sp_penalty_and_grad(params, anchors, self.alpha, self.norm, fisher, compute_value=log_now)
         head = [p for p in self._head_params if p.requires_grad]
         if self.beta > 0 and head:
-            head_value, head_grads = sp_penalty_and_grad(head, None, self.beta, "l2")
-            params, grads, value = params + head, grads + head_grads, value + head_value
-        pl_module.log(f"{self.prefix}/penalty", value, on_step=True, on_epoch=False)
+            head_value, head_grads = sp_penalty_and_grad(head, None, self.beta, "l2", compute_value=log_now)
+            params, grads = list(params) + head, grads + head_grads
+            value = value + head_value if log_now else None
+        if log_now:
+            pl_module.log(f"{self.prefix}/penalty", value, on_step=True, on_epoch=False)
         return list(params), grads
 
     def _log_now(self, trainer: Trainer) -> bool:

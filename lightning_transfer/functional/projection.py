@@ -51,7 +51,7 @@ def project_conflicting_(
     conflict = (dot < 0) & (gg > eps) & finite
     coef = torch.where(conflict, dot / torch.where(gg > eps, gg, torch.ones_like(gg)), torch.zeros_like(gg))
     scale = (1.0 - coef).expand(len(g)) if granularity == "global" else 1.0 - coef
-    torch._foreach_mul_(g, list(scale.to(g[0].dtype).unbind()))
+    torch._foreach_mul_(g, list(scale.to(g[0].dtype).unbind()))  # (not addcmul: inf·0 would make NaN)
     keep = finite.to(g[0].dtype)  # non-finite g: leave it untouched (the AMP scaler skips the step)
     torch._foreach_addcmul_(g, r, [keep] * len(g))
     denom = (gg * rr).sqrt()
