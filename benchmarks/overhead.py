@@ -13,6 +13,7 @@ the same round's plain median. The report gives the median of those ratios and t
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import random
 import statistics
@@ -118,10 +119,13 @@ def trial(backbone, make_callbacks, args, steps):
     trainer = Trainer(max_steps=steps, accelerator="gpu" if cuda else "cpu", devices=1, precision=args.precision,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, callbacks=[*callbacks, timer])
-    if cuda:
+    if cuda:  # peak above what was allocated before this trial (earlier trials' tensors freed first)
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(model, train_dataloaders=loader)
-    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    peak = torch.cuda.max_memory_allocated() - base if cuda else 0
     model_tensors = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     held = sum(held_bytes(vars(cb), model_tensors) for cb in callbacks)
     return timer.times, peak, held
