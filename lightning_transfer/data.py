@@ -61,7 +61,29 @@ class _TensorImages(Dataset):
         return x, self.labels[i]
 
 
-class AnimalMNISTDataModule(LightningDataModule):
+class _SplitDataModule(LightningDataModule):
+    """Shared loaders: subclasses fill ``self._splits`` (train/val[/test]) in ``setup``."""
+
+    _splits: dict[str, Dataset]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        if split not in self._splits:
+            raise ValueError(f"{type(self).__name__} has no {split!r} split.")
+        return DataLoader(self._splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+class AnimalMNISTDataModule(_SplitDataModule):
     """Animal-MNIST (10 animal silhouette classes, MIT licence), offline, as a few-shot transfer task.
 
     Exact duplicate images are removed first. Then, per class and by ``seed``: ``test_per_class``
@@ -126,22 +148,9 @@ class AnimalMNISTDataModule(LightningDataModule):
             "test": _TensorImages(images[test], labels[test], size),
         }
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(self._splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
 
 
-class ImageFolderDataModule(LightningDataModule):
+class ImageFolderDataModule(_SplitDataModule):
     """A user's own images in ``root/<class>/<image>`` folders (torchvision ``ImageFolder``).
 
     Validation comes from ``val_root`` when given, else a stratified ``val_fraction`` of ``root`` split
@@ -215,13 +224,3 @@ class ImageFolderDataModule(LightningDataModule):
         val, rest = stratified_split(labels, [n_val, None], hp.seed)
         self._splits = {"train": Subset(train_set, rest.tolist()), "val": Subset(self._folder(hp.root, train=False), val.tolist())}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(self._splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)

@@ -92,3 +92,43 @@ def test_root_never_called_is_an_error():
 
     with pytest.raises(RuntimeError, match="captured no features"):
         quiet_trainer(max_steps=1, callbacks=[FeatureMapRegularization(LAYERS)]).fit(Direct())
+
+
+def test_channel_attention_matches_hand_computed_loss_increases():
+    import torch.nn.functional as F
+
+    from lightning_transfer.functional.feature_maps import channel_attention
+
+    model = TinyClassifier(norm=False)
+    cb = FeatureMapRegularization(["backbone.1"], alpha=0.5, attention=True, attention_examples=24, attention_temperature=0.1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[cb])
+    trainer.fit(model)
+    # reference: the same losses, computed by hand at the weights the run started from
+    ref = TinyClassifier(norm=False)
+    ref.load_state_dict(start)
+    ref.eval()
+    x, y = ref.train_dataloader().dataset.tensors
+    x, y = x[:24], y[:24]  # the first 24 training examples (unshuffled loader)
+
+    def loss(mask=None):
+        h = ref.backbone[1](ref.backbone[0](x))
+        return F.cross_entropy(ref.head(h if mask is None else h * mask), y)
+
+    with torch.no_grad():
+        base = loss()
+        increases = torch.stack([loss(torch.ones(32).index_fill(0, torch.tensor([c]), 0.0)) - base for c in range(32)])
+    expected = channel_attention(increases, 0.1)
+    torch.testing.assert_close(cb.channel_weights[0], expected, rtol=1e-4, atol=1e-5)
+    assert float(expected.mean()) == pytest.approx(1.0) and float(expected.std()) > 0.01
+    assert cb.state_dict()["channel_weights"][0] is cb.channel_weights[0]
+
+
+def test_attention_weights_enter_the_penalty():
+    ends = {}
+    for attention in (False, True):
+        model = TinyClassifier(norm=False)
+        cb = FeatureMapRegularization(["backbone.1"], alpha=5.0, attention=attention, attention_temperature=0.05)
+        quiet_trainer(max_steps=4, callbacks=[cb]).fit(model)
+        ends[attention] = params_of(model)
+    assert any(not torch.allclose(ends[False][k], ends[True][k]) for k in ends[False])

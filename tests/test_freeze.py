@@ -80,7 +80,10 @@ def test_frozen_parameters_not_moved_by_momentum_or_weight_decay():
 def test_lp_ft_and_gradual_transitions():
     blocks_of = list_blocks
     rec = Record(blocks_of)
-    quiet_trainer(max_epochs=4, callbacks=[FreezeSchedule.lp_ft(probe_epochs=2), rec]).fit(TinyClassifier())
+    trainer = quiet_trainer(max_epochs=4, callbacks=[FreezeSchedule.lp_ft(probe_epochs=2), rec])
+    trainer.fit(TinyClassifier())
+    assert float(trainer.callback_metrics["freeze/depth"]) == 0.0
+    assert float(trainer.callback_metrics["freeze/trainable_params"]) == sum(p.numel() for p in TinyClassifier().parameters())
     assert [rec.trainable[e] for e in range(4)] == [[False, False, True]] * 2 + [[True, True, True]] * 2
     rec = Record(blocks_of)
     quiet_trainer(max_epochs=4, callbacks=[FreezeSchedule.gradual(every=1), rec]).fit(TinyClassifier())

@@ -6,13 +6,14 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_transfer.anatomy import resolve_module
 from lightning_transfer.callbacks.base import GradientRegularizer
-from lightning_transfer.functional.feature_maps import feature_map_penalty
+from lightning_transfer.functional.feature_maps import channel_attention, feature_map_penalty
 
 __all__ = ["FeatureMapRegularization"]
 
@@ -29,25 +30,53 @@ class FeatureMapRegularization(GradientRegularizer):
     the pass uses the GradScaler's scale and unscales ``r``; a non-finite ``r`` is dropped and counted
     in ``delta/nonfinite``.
 
+    Channel attention (DELTA's "with attention" variant, ``attention=True``): at the start of epoch
+    ``attention_epoch``, each channel ``c`` of each layer is weighted by ``C·softmax(Δ_c/T)``, where
+    ``Δ_c`` is the increase of the mean cross-entropy on ``attention_examples`` training examples when that
+    channel's output is zeroed (eval mode, no gradient). Channels that matter for the target task are
+    held closer to the pre-trained ones. Weights average to 1 (so ``alpha`` keeps its meaning), are
+    averaged across DDP ranks and saved in checkpoints; before ``attention_epoch`` all weights are 1.
+    Set ``attention_epoch`` after a linear-probing phase (e.g. ``FreezeSchedule.lp_ft``) so that the
+    head is trained when the losses are measured, as DELTA does. Attention assumes batches
+    ``(x, y)`` and a ``forward(x)`` that returns class logits; it costs one forward per channel.
+
     Args:
         layers: Dotted module names whose outputs are regularized (unknown names list candidates).
         alpha: Strength.
         root: Module whose forward receives the inputs (default: the top-level child of the
             LightningModule containing all layers, e.g. ``backbone``; the LightningModule itself when
             the layers live at different top-level children).
+        attention: Weight channels by DELTA's attention.
+        attention_epoch: Epoch at whose start the attention is measured.
+        attention_examples: Training examples (from the first batches) used to measure it.
+        attention_temperature: Softmax temperature ``T``.
 
     Example::
 
         trainer = Trainer(callbacks=[FeatureMapRegularization(["backbone.layer3", "backbone.layer4"], alpha=0.01)])
     """
 
-    def __init__(self, layers: list[str], alpha: float = 0.01, root: str | None = None) -> None:
+    def __init__(
+        self,
+        layers: list[str],
+        alpha: float = 0.01,
+        root: str | None = None,
+        attention: bool = False,
+        attention_epoch: int = 0,
+        attention_examples: int = 64,
+        attention_temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         if not layers:
             raise ValueError("FeatureMapRegularization needs at least one layer name in `layers`.")
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}.")
+        if attention and (attention_epoch < 0 or attention_examples < 1 or attention_temperature <= 0):
+            raise ValueError("attention needs attention_epoch >= 0, attention_examples >= 1 and attention_temperature > 0.")
         self.layers, self.alpha, self.root = list(layers), alpha, root
+        self.attention, self.attention_epoch = attention, attention_epoch
+        self.attention_examples, self.attention_temperature = attention_examples, attention_temperature
+        self.channel_weights: list[Tensor] | None = None
         self._reference: nn.Module | None = None
         self._loaded: dict[str, Tensor] | None = None
         self._handles: list[Any] = []
@@ -62,7 +91,7 @@ class FeatureMapRegularization(GradientRegularizer):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(layers=self.layers, alpha=self.alpha)
+        return self._generate_state_key(layers=self.layers, alpha=self.alpha, attention=self.attention)
 
     def _root_name(self) -> str:
         if self.root is not None:
@@ -127,7 +156,8 @@ class FeatureMapRegularization(GradientRegularizer):
             ref_args, ref_kwargs = self._inputs
             self._reference(*ref_args, **ref_kwargs)
         self._inputs = None
-        penalty = feature_map_penalty([self._live[n] for n in self.layers], [self._ref[n] for n in self.layers], self.alpha)
+        weights = [w.to(self._live[n].device) for w, n in zip(self.channel_weights, self.layers)] if self.channel_weights else None
+        penalty = feature_map_penalty([self._live[n] for n in self.layers], [self._ref[n] for n in self.layers], self.alpha, weights)
         self._live.clear()
         self._ref.clear()
         scaler = getattr(self._trainer.precision_plugin, "scaler", None)
@@ -168,6 +198,52 @@ class FeatureMapRegularization(GradientRegularizer):
         return params, grads
 
     @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.attention and self.channel_weights is None and trainer.current_epoch >= self.attention_epoch:
+            self.channel_weights = self._measure_attention(trainer, pl_module)
+
+    @torch.no_grad()
+    def _measure_attention(self, trainer: Trainer, pl_module: LightningModule) -> list[Tensor]:
+        was_training = pl_module.training
+        pl_module.eval()
+        xs, ys, count = [], [], 0
+        for batch in trainer.train_dataloader:
+            x, y = trainer.strategy.batch_to_device(batch)[:2]
+            xs.append(x)
+            ys.append(y)
+            count += len(x)
+            if count >= self.attention_examples:
+                break
+        x_all, y_all = torch.cat(xs)[: self.attention_examples], torch.cat(ys)[: self.attention_examples]
+
+        def loss() -> Tensor:
+            return F.cross_entropy(pl_module(x_all).float(), y_all)
+
+        channels: dict[str, int] = {}
+        probes = [pl_module.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: channels.__setitem__(n, o.shape[1])) for n in self.layers]
+        base = loss()
+        for h in probes:
+            h.remove()
+        weights = []
+        for name in self.layers:
+            layer, increases = pl_module.get_submodule(name), []
+            for c in range(channels[name]):
+                def zero_channel(module, args, output, c=c):
+                    output = output.clone()
+                    output[:, c] = 0
+                    return output
+
+                handle = layer.register_forward_hook(zero_channel)
+                increases.append(loss() - base)
+                handle.remove()
+            weights.append(channel_attention(torch.stack(increases), self.attention_temperature))
+        if trainer.world_size > 1:
+            weights = [trainer.strategy.reduce(w, reduce_op="mean") for w in weights]
+        pl_module.train(was_training)
+        return [w.detach().cpu() for w in weights]
+
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for h in self._handles:
             h.remove()
@@ -175,10 +251,13 @@ class FeatureMapRegularization(GradientRegularizer):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        weights = self.channel_weights
         if self._reference is None:
-            return {"reference": self._loaded or {}}
-        return {"reference": {k: v.detach().cpu() for k, v in self._reference.state_dict().items()}}
+            return {"reference": self._loaded or {}, "channel_weights": weights}
+        return {"reference": {k: v.detach().cpu() for k, v in self._reference.state_dict().items()},
+                "channel_weights": weights}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict["reference"]) or None
+        self.channel_weights = state_dict.get("channel_weights")

@@ -75,6 +75,7 @@ class FreezeSchedule(Callback):
         self._schedule: dict[int, int] = {}
         self.current_depth: int | None = None
         self._ddp_managed: set[int] = set()
+        self._trainable = 0.0
 
     @classmethod
     def lp_ft(cls, probe_epochs: int, **kwargs: Any) -> FreezeSchedule:
@@ -153,13 +154,13 @@ class FreezeSchedule(Callback):
         if depth != self.current_depth:
             self._apply(trainer, depth)
         set_frozen_bn_eval(self._blocks, depth, self.bn)
-        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        pl_module.log("freeze/depth", float(depth), on_step=False, on_epoch=True)
-        pl_module.log("freeze/trainable_params", float(trainable), on_step=False, on_epoch=True)
+        self._trainable = float(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         set_frozen_bn_eval(self._blocks, self.current_depth or 0, self.bn)  # validation calls model.train()
+        pl_module.log("freeze/depth", float(self.current_depth or 0), on_step=True, on_epoch=False)
+        pl_module.log("freeze/trainable_params", self._trainable, on_step=True, on_epoch=False)
 
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:

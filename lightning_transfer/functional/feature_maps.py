@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["feature_map_penalty"]
+__all__ = ["channel_attention", "feature_map_penalty"]
 
 
 def feature_map_penalty(
@@ -36,3 +36,15 @@ def feature_map_penalty(
             sq = sq * weights[i].float().view(1, -1, *([1] * (sq.ndim - 2)))
         total = total + sq.flatten(1).sum(1).mean()
     return 0.5 * alpha * total
+
+
+def channel_attention(loss_increase: Tensor, temperature: float = 1.0) -> Tensor:
+    """DELTA's channel weights from the loss increase of zeroing each channel: ``C·softmax(Δ/T)`` (mean 1).
+
+    Example::
+
+        >>> channel_attention(torch.zeros(4)).tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
+    delta = loss_increase.float().flatten()
+    return delta.numel() * torch.softmax(delta / temperature, dim=0)

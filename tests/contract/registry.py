@@ -61,6 +61,11 @@ REGISTRY: dict[str, Entry] = {
         bad=[(lambda: [FeatureMapRegularization(["backbone.9"])], AnatomyError, "Unknown layer")],
         two_instances=True,
     ),
+    "FeatureMapRegularization-attention": Entry(  # attention measured at the start of epoch 1
+        make=lambda m: [FeatureMapRegularization(list(m.layers), alpha=1.0, attention=True, attention_epoch=1)],
+        yaml=[{"class_path": "lightning_transfer.FeatureMapRegularization",
+               "init_args": {"layers": ["backbone.1"], "attention": True, "attention_epoch": 2}}],
+    ),
     "DTNH+L2SP": Entry(
         make=lambda m: [DTNH(), *_l2sp(m)],
         yaml=[{"class_path": "lightning_transfer.DTNH"},

@@ -1,0 +1,27 @@
+"""The benchmark scripts run end to end in their --quick modes (smoke runs)."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy  # noqa: E402
+import overhead  # noqa: E402
+
+
+def test_overhead_quick(tmp_path):
+    out = tmp_path / "overhead.md"
+    overhead.main(["--quick", "--out", str(out)])
+    text = out.read_text()
+    for row in ("| plain |", "| L2SP |", "| DTNH+L2SP |", "| DELTA |", "| RIFLE |", "| MEI |", "floor (read w, w0, g; write g)"):
+        assert row in text, row
+
+
+def test_accuracy_quick_and_resume(tmp_path, capsys):
+    accuracy.main(["--quick", "--out", str(tmp_path)])
+    text = (tmp_path / "results.md").read_text()
+    assert "| plain |" in text and "| MEI |" in text
+    capsys.readouterr()
+    accuracy.main(["--quick", "--out", str(tmp_path)])  # finished runs are not recomputed
+    assert "test_acc=" not in capsys.readouterr().out
