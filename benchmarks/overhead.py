@@ -53,6 +53,7 @@ def variants(model: TransferClassifier, steps: int) -> dict[str, callable]:
     return {
         "plain": lambda: [],
         "L2SP": lambda: [L2SP(alpha=0.01)],
+        "L2SP fused (torch.compile)": lambda: [L2SP(alpha=0.01, fused=True)],
         "L2SP decoupled": lambda: [L2SP(alpha=0.01, decoupled=True)],
         "DTNH+L2SP": lambda: [L2SP(alpha=0.01), DTNH()],
         "DELTA": lambda: [FeatureMapRegularization(layer_modules, alpha=0.01)],
@@ -177,11 +178,16 @@ def bench_sp_gradient(name, args, lines):
     grads = [p.grad for p in params]
     alpha = 0.01
 
-    def ours():  # what L2SP runs on a logging step
-        add_l2sp_grad_(grads, params, anchors, alpha, compute_value=True)
+    workspace = {}
+
+    def ours():  # what L2SP runs on a logging step (every log_every_n_steps)
+        add_l2sp_grad_(grads, params, anchors, alpha, compute_value=True, workspace=workspace)
 
     def ours_no_value():  # ... and on the other steps
-        add_l2sp_grad_(grads, params, anchors, alpha, compute_value=False)
+        add_l2sp_grad_(grads, params, anchors, alpha, compute_value=False, workspace=workspace)
+
+    def ours_fused():  # L2SP(fused=True): one compiled kernel at the traffic floor
+        add_l2sp_grad_(grads, params, anchors, alpha, compute_value=False, compiled=True)
 
     def ours_separate_r():  # r as its own tensors, as handed to DTNH (and the generic norm path)
         _, r = sp_penalty_and_grad(params, anchors, alpha)
@@ -199,6 +205,7 @@ def bench_sp_gradient(name, args, lines):
 
     fns = {"floor (read w, w0, g; write g)": floor, "L2SP, logging step (value + gradient, in place)": ours,
            "L2SP, other steps (gradient only, in place)": ours_no_value,
+           "L2SP(fused=True), compiled kernel": ours_fused,
            "r as separate tensors (DTNH input), added": ours_separate_r,
            "autograd of the penalty in the loss (common implementation)": autograd_reference,
            "DTNH projection of r against g (tensor mode, in place)": dtnh_projection}

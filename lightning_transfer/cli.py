@@ -69,7 +69,10 @@ def depth_scan_main(argv: list[str]) -> None:
     parser.add_argument("--per-class", type=_ints, default=None, help="data sizes, e.g. 10,100")
     parser.add_argument("--out", default=None, help="output folder (default: runs/depth_scan)")
     args, extra = parser.parse_known_args(argv)
-    settings = yaml.safe_load(open(args.scan_config)) if args.scan_config else {}
+    settings = {}
+    if args.scan_config:
+        with open(args.scan_config) as f:
+            settings = yaml.safe_load(f) or {}
     configs = args.config or settings.get("config")
     if not configs:
         parser.error("give at least one --config (a LightningCLI fit config), or config: in --scan-config")

@@ -16,7 +16,7 @@ from lightning_transfer.anatomy import find_head
 from lightning_transfer.assets import efficientnet_lite0_weights
 from lightning_transfer.optim import build_param_groups
 
-__all__ = ["TransferClassifier", "backbone_normalization", "build_backbone", "replace_head"]
+__all__ = ["TransferClassifier", "build_backbone", "replace_head"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -110,21 +110,6 @@ def build_backbone(
     if num_classes is not None:
         replace_head(model, num_classes)
     return model, (mean, std)
-
-
-def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) input normalization of a backbone name, without building it."""
-    if name == "efficientnet_lite0":
-        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    if name.startswith("timm:"):
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(name.partition(":")[2]) or {}
-        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    if name.startswith("torchvision:"):
-        return IMAGENET_MEAN, IMAGENET_STD
-    raise ValueError(f"Unknown backbone {name!r}. Known: {KNOWN_BACKBONES}.")
 
 
 class TransferClassifier(LightningModule):

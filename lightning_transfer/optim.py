@@ -9,12 +9,12 @@ from torch import nn
 
 from lightning_transfer.anatomy import list_blocks
 
-__all__ = ["build_param_groups", "is_norm_or_bias"]
+__all__ = ["build_param_groups", "norm_and_bias_ids"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def is_norm_or_bias(model: nn.Module) -> set[int]:
+def norm_and_bias_ids(model: nn.Module) -> set[int]:
     """Ids of the parameters that are biases, 1-d gains, or belong to a normalization layer."""
     ids = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
     ids |= {id(p) for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")}
@@ -46,7 +46,7 @@ def build_param_groups(
     """
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}. Use None to turn it off.")
-    no_decay = set() if decay_norm_and_bias else is_norm_or_bias(model)
+    no_decay = set() if decay_norm_and_bias else norm_and_bias_ids(model)
     if layer_decay is None:
         sections = [("", 1.0, [p for p in model.parameters()])]
     else:

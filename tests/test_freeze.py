@@ -191,3 +191,13 @@ def test_resume_at_each_transition_equals_uninterrupted(stop, tmp_path):
     quiet_trainer(max_epochs=4, callbacks=[*schedule(), rec]).fit(resumed, ckpt_path=t.checkpoint_callback.best_model_path)
     assert_params_close(params_of(resumed), params_of(full), rtol=1e-6, atol=1e-7)
     assert rec.trainable[stop] == [i >= {1: 1, 2: 0, 3: 0}[stop] for i in range(3)]
+
+
+def test_sharded_strategies_are_rejected_with_a_clear_error():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fake_trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(ValueError, match="FSDP"):
+        FreezeSchedule(depth=1).setup(fake_trainer, TinyClassifier(), "fit")

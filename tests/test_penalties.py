@@ -100,3 +100,16 @@ def test_fused_l2sp_in_place_matches_autograd(compute_value, use_anchor):
         torch.testing.assert_close(value, ref.detach())
     else:
         assert value is None
+
+
+def test_compiled_l2sp_kernel_equals_eager():
+    from lightning_transfer.functional.penalties import add_l2sp_grad_
+
+    params, anchors, _ = _tensors(torch.float32, seed=7)
+    eager = [torch.ones_like(p) for p in params]
+    fused = [torch.ones_like(p) for p in params]
+    v_eager = add_l2sp_grad_(eager, params, anchors, 0.3, True)
+    v_fused = add_l2sp_grad_(fused, params, anchors, 0.3, True, compiled=True)
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(v_fused, v_eager, rtol=1e-5, atol=1e-7)

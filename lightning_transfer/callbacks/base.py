@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_transfer.anatomy import AnatomyError, find_head
-from lightning_transfer.optim import is_norm_or_bias
+from lightning_transfer.optim import norm_and_bias_ids
 
 __all__ = ["GradientRegularizer", "add_to_grads", "select_parameters"]
 
@@ -42,7 +42,7 @@ def select_parameters(
             sample = ", ".join(n for n, _ in named[:8])
             raise AnatomyError(f"exclude entry {e!r} matches no parameter. Parameter names look like: {sample}, ...")
         patterns.append(pattern)
-    skip = set() if include_norm_and_bias else is_norm_or_bias(pl_module)
+    skip = set() if include_norm_and_bias else norm_and_bias_ids(pl_module)
     transferred = [
         (n, p) for n, p in named
         if id(p) not in head_ids and id(p) not in skip and not any(pt.search(n) for pt in patterns)

@@ -15,11 +15,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_transfer.anatomy.layouts import AnatomyError, common_prefix, generic_layout, known_layout
+
 __all__ = ["AnatomyError", "BlockGroup", "find_head", "final_linear", "list_blocks", "resolve_module"]
-
-
-class AnatomyError(ValueError):
-    """A model's structure does not fit what was asked of it (unknown name, uncovered parameter, ...)."""
 
 
 # Attribute names under which known model families keep their classifier, most specific first.
@@ -149,94 +147,6 @@ class BlockGroup(nn.Module):
         raise RuntimeError("A BlockGroup only groups existing modules of a model; it has no forward.")
 
 
-def _torchvision_layout(model: nn.Module) -> list[tuple[str, str]] | None:
-    """(block name, regex over parameter names) for known torchvision layouts, in forward order."""
-    kind = type(model).__name__
-    if kind in ("ResNet",):
-        return [("stem", r"(conv1|bn1)")] + [(f"layer{i}", rf"layer{i}") for i in range(1, 5)]
-    if kind in ("EfficientNet", "MobileNetV2", "MobileNetV3", "ConvNeXt") and hasattr(model, "features"):
-        return [(f"features.{i}", rf"features\.{i}") for i in range(len(model.features))] + [
-            ("classifier", r"classifier")
-        ]
-    if kind == "VisionTransformer" and hasattr(model, "encoder"):
-        n = len(model.encoder.layers)
-        return (
-            [("stem", r"class_token|conv_proj|encoder\.pos_embedding")]
-            + [(f"encoder.layers.{i}", rf"encoder\.layers\.encoder_layer_{i}") for i in range(n)]
-            + [("encoder.ln", r"encoder\.ln")]
-        )
-    if kind == "SwinTransformer" and hasattr(model, "features"):
-        return [(f"features.{i}", rf"features\.{i}") for i in range(len(model.features))] + [
-            ("norm", r"norm")
-        ]
-    if kind in ("GoogLeNet", "Inception3"):
-        aux = [n for n in ("aux1", "aux2", "AuxLogits") if getattr(model, n, None) is not None]
-        if aux:
-            raise AnatomyError(
-                f"{kind} has auxiliary heads ({', '.join(aux)}) that are registered after later stages "
-                "and run only in training, so registration order is not forward order. Build it with "
-                "aux_logits=False, or pass blocks=[...] explicitly."
-            )
-    return None
-
-
-def _lite_layout(model: nn.Module) -> list[tuple[str, str]] | None:
-    """EfficientNet(-Lite) of the ``efficientnet_lite_pytorch`` package: stem, 7 stages, conv head."""
-    if not (hasattr(model, "_blocks") and hasattr(model, "_conv_stem") and hasattr(model, "_fc")):
-        return None
-    stages: list[list[int]] = []
-    previous = None
-    for i, block in enumerate(model._blocks):
-        out = block._block_args.output_filters
-        if out != previous:
-            stages.append([])
-        stages[-1].append(i)
-        previous = out
-    layout = [("stem", r"(_conv_stem|_bn0)")]
-    layout += [(f"stage{k}", rf"_blocks\.({'|'.join(map(str, idx))})") for k, idx in enumerate(stages, 1)]
-    return layout + [("conv_head", r"(_conv_head|_bn1)")]
-
-
-def _timm_layout(model: nn.Module) -> list[tuple[str, list[str]]] | None:
-    if not hasattr(model, "group_matcher"):
-        return None
-    try:
-        from timm.models import group_parameters
-    except ImportError:  # pragma: no cover - timm-like model without timm
-        return None
-    groups = group_parameters(model, model.group_matcher(coarse=True))
-    layout = []
-    for i, (_, names) in enumerate(sorted(groups.items())):
-        prefix = _common_prefix(names)
-        layout.append((prefix if prefix and i else ("stem" if i == 0 else f"group{i}"), list(names)))
-    return layout
-
-
-def _layout(model: nn.Module) -> list[tuple[str, object]] | None:
-    return _timm_layout(model) or _lite_layout(model) or _torchvision_layout(model)
-
-
-def _common_prefix(names: Sequence[str]) -> str:
-    parts = [n.split(".")[:-1] for n in names]
-    prefix: list[str] = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        prefix.append(level[0])
-    return ".".join(prefix)
-
-
-def _generic_layout(model: nn.Module) -> list[tuple[str, str]]:
-    """Top-level children in registration order, Sequential/ModuleList children expanded."""
-    layout: list[tuple[str, str]] = []
-    for name, child in model.named_children():
-        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
-            layout += [(f"{name}.{i}", rf"{re.escape(name)}\.{re.escape(i)}") for i, _ in child.named_children()]
-        else:
-            layout.append((name, rf"{re.escape(name)}"))
-    return layout
-
-
 def _match(entry: str, param_name: str) -> bool:
     if param_name == entry or param_name.startswith(entry + "."):
         return True
@@ -276,7 +186,7 @@ def list_blocks(
         prefix = ""
     else:
         inner, prefix = _unwrap(model)
-        layout = [(prefix + n, r) for n, r in (_layout(inner) or _generic_layout(inner))]
+        layout = [(prefix + n, r) for n, r in (known_layout(inner) or generic_layout(inner))]
 
     assigned: dict[str, list[str]] = {name: [] for name, _ in layout}
     unmatched: list[str] = []
@@ -315,7 +225,7 @@ def list_blocks(
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     """Descend through wrappers (a LightningModule holding one network) to the network."""
     prefix = ""
-    while _layout(model) is None:
+    while known_layout(model) is None:
         children = [(n, c) for n, c in model.named_children() if any(True for _ in c.parameters())]
         if len(children) != 1 or list(model.parameters(recurse=False)):
             break
@@ -327,7 +237,7 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
 def _as_module(model: nn.Module, names: list[str], params: dict[str, nn.Parameter]) -> nn.Module:
     """The block as one real submodule when its parameters are exactly one module's, else a group."""
     owned = set(names)
-    prefix = _common_prefix(names)
+    prefix = common_prefix(names)
     try:
         candidate = model.get_submodule(prefix) if prefix else model
     except AttributeError:
