@@ -41,14 +41,20 @@ def gradual_milestones(num_blocks: int, every: int, start: int | str = ALL) -> d
     return {i * every: first - i for i in range(first + 1)}
 
 
-def freeze_blocks(blocks: Sequence[tuple[str, nn.Module]], depth: int, bn: str = "eval") -> None:
+def freeze_blocks(blocks: Sequence[tuple[str, nn.Module]], depth: int, bn: str = "eval", training: bool = True) -> None:
     """Freeze the first ``depth`` blocks (``requires_grad=False``), unfreeze the rest; head = last block.
 
-    Frozen BatchNorm layers go to eval mode when ``bn == "eval"`` (running statistics fixed).
+    Frozen BatchNorm layers go to eval mode when ``bn == "eval"`` (running statistics fixed); those of
+    trainable blocks follow ``training`` (Lightning restores each module's own mode after validation
+    instead of calling ``model.train()``, so an unfrozen block must be put back in train mode here).
     """
     _resolve(depth, len(blocks) - 1)
     for i, (_, block) in enumerate(blocks):
         block.requires_grad_(i >= depth)
+        if i >= depth:
+            for m in block.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train(training)
     set_frozen_bn_eval(blocks, depth, bn)
 
 

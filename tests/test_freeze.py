@@ -30,7 +30,7 @@ class Record(Callback):
             blocks = self.blocks_of(pl_module)
             self.trainable[trainer.current_epoch] = [all(p.requires_grad for p in b.parameters()) for _, b in blocks]
             self.bn_training[trainer.current_epoch] = [
-                any(m.training for m in b.modules() if isinstance(m, torch.nn.BatchNorm2d)) for _, b in blocks
+                any(m.training for m in b.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)) for _, b in blocks
             ]
 
 
@@ -85,6 +85,8 @@ def test_lp_ft_and_gradual_transitions():
     assert float(trainer.callback_metrics["freeze/depth"]) == 0.0
     assert float(trainer.callback_metrics["freeze/trainable_params"]) == sum(p.numel() for p in TinyClassifier().parameters())
     assert [rec.trainable[e] for e in range(4)] == [[False, False, True]] * 2 + [[True, True, True]] * 2
+    # frozen BatchNorm in eval mode during the probe, back in train mode once its block trains again
+    assert [rec.bn_training[e][0] for e in range(4)] == [False, False, True, True]
     rec = Record(blocks_of)
     quiet_trainer(max_epochs=4, callbacks=[FreezeSchedule.gradual(every=1), rec]).fit(TinyClassifier())
     assert [rec.trainable[e] for e in range(4)] == [

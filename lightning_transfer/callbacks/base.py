@@ -75,15 +75,18 @@ class GradientRegularizer(Callback):
     """
 
     def __init__(self) -> None:
-        self._deferred = False
+        self._deferred_to: int | None = None
 
-    def defer(self) -> None:
-        """Hand ``r`` to another callback instead of adding it to ``.grad``."""
-        self._deferred = True
+    def defer(self, trainer: Trainer) -> None:
+        """Hand ``r`` to another callback instead of adding it to ``.grad``, for fits of ``trainer``.
 
-    @property
-    def deferred(self) -> bool:
-        return self._deferred
+        Tied to the Trainer, so an instance reused with another Trainer (a notebook, a sweep) without
+        DTNH adds its gradient again instead of silently doing nothing.
+        """
+        self._deferred_to = id(trainer)
+
+    def is_deferred(self, trainer: Trainer) -> bool:
+        return self._deferred_to == id(trainer)
 
     @property
     def contributes_gradient(self) -> bool:
@@ -98,7 +101,7 @@ class GradientRegularizer(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        if self._deferred or not self.contributes_gradient:
+        if self.is_deferred(trainer) or not self.contributes_gradient:
             return
         params, contributions = self.regularizer_gradients(trainer, pl_module)
         add_to_grads(params, contributions)

@@ -60,7 +60,7 @@ class DTNH(Callback):
         if decoupled:
             raise ValueError(f"DTNH projects gradients, but {decoupled} act outside the gradient (decoupled=True). Use decoupled=False.")
         for cb in found:
-            cb.defer()
+            cb.defer(trainer)
         self._regularizers = found
 
     @override

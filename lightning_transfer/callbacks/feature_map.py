@@ -103,6 +103,7 @@ class FeatureMapRegularization(GradientRegularizer):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self.channel_weights, self._loaded = None, None  # a new fit (a resume restores them after setup)
         for name in self.layers:
             resolve_module(pl_module, name, "layer")
         root = self._root_name()
@@ -248,6 +249,10 @@ class FeatureMapRegularization(GradientRegularizer):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)  # never leave hooks on the user's model
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -124,9 +124,9 @@ class FreezeSchedule(Callback):
     def _depth_for(self, epoch: int) -> int:
         return depth_at(epoch, self._schedule, len(self._blocks) - 1)
 
-    def _apply(self, trainer: Trainer | None, depth: int) -> None:
+    def _apply(self, trainer: Trainer | None, depth: int, training: bool = True) -> None:
         previous = self.current_depth
-        freeze_blocks(self._blocks, depth, self.bn)
+        freeze_blocks(self._blocks, depth, self.bn, training)
         if trainer is not None and previous is not None and depth < previous:
             # blocks depth..previous-1 train again: fresh optimizer state (momentum from before is stale)
             ids = {id(p) for _, block in self._blocks[depth:previous] for p in block.parameters()}
@@ -152,7 +152,7 @@ class FreezeSchedule(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         depth = self._depth_for(trainer.current_epoch)
         if depth != self.current_depth:
-            self._apply(trainer, depth)
+            self._apply(trainer, depth, pl_module.training)
         set_frozen_bn_eval(self._blocks, depth, self.bn)
         self._trainable = float(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
 

@@ -107,6 +107,7 @@ class L2SP(GradientRegularizer):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # validate names and the Fisher file before any step
+            self._loaded = None  # a resume restores it after setup; a new fit takes w0 afresh
             transferred, _, _ = select_parameters(pl_module, self.head, self.exclude, self.include_norm_and_bias)
             if self.fisher_path is not None:
                 match_fisher(load_fisher(self.fisher_path), transferred)
@@ -158,7 +159,7 @@ class L2SP(GradientRegularizer):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        if self.deferred:
+        if self.is_deferred(trainer):
             return
         if not self.decoupled and self.norm == "l2" and self._fisher is None:  # fused in-place fast path
             params, anchors, _ = self._active()

@@ -69,6 +69,7 @@ class MaxEntropyHeadInit(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             find_head(pl_module, self.head)  # unknown names fail here, before any step
+            self.applied = False  # a new fit (a resume restores True after setup)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -89,6 +89,7 @@ class RIFLE(Callback):
         self.head, self.seed = head, seed
         self.schedule: list[int] = []
         self.done: list[int] = []
+        self._seed: int | None = seed
         self._pending_log: int | None = None
 
     @override
@@ -96,6 +97,7 @@ class RIFLE(Callback):
         if stage != "fit":
             return
         find_head(pl_module, self.head)
+        self.done = []  # a new fit (a resume restores its re-inits after setup)
         if self.interval == "epoch":
             total = trainer.max_epochs
             if total is None or total < 0:
@@ -114,8 +116,7 @@ class RIFLE(Callback):
             self.schedule = list(self.points)
         else:
             self.schedule = reinit_points(total, self.num_reinits, after)
-        if self.seed is None:
-            self.seed = int(trainer.strategy.broadcast(torch.initial_seed() % (2**31)))
+        self._seed = self.seed if self.seed is not None else int(trainer.strategy.broadcast(torch.initial_seed() % 2**31))
         rank_zero_warn(
             f"RIFLE re-initializes the head at {self.interval}s {self.schedule}: validation metrics dip after each; "
             "early stopping and best-checkpoint selection see those dips.",
@@ -130,7 +131,7 @@ class RIFLE(Callback):
         if self.init == "zero":
             zero_head_(final_linear(head))
         else:
-            reinitialize_(head, self.seed + 1000 * (index + 1))
+            reinitialize_(head, self._seed + 1000 * (index + 1))
         if self.reset_optimizer_state:
             ids = {id(p) for p in head.parameters()}
             for opt in trainer.optimizers:
@@ -156,12 +157,12 @@ class RIFLE(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"done": list(self.done), "schedule": list(self.schedule), "seed": self.seed}
+        return {"done": list(self.done), "schedule": list(self.schedule), "seed": self._seed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = list(state_dict["done"])
-        self.seed = state_dict["seed"]
+        self._seed = state_dict["seed"]
         saved = list(state_dict["schedule"])
         if not self.schedule:
             self.schedule = saved

@@ -69,6 +69,7 @@ class RepresentationSimilarity(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self.history, self.epochs = {}, []  # a new fit (a resume restores them after setup)
         self._names = [n for n, _ in list_blocks(pl_module, self.blocks)]
         if self.heatmap is not None:
             try:

@@ -14,6 +14,7 @@ import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
+from lightning_transfer import DTNH, L2SP
 from lightning_transfer.cli import build_cli
 from tests.contract.registry import REGISTRY, Model
 from tests.helpers import (
@@ -271,3 +272,29 @@ def test_works_across_architectures(name, arch):
     assert any(not torch.equal(start[k], end[k]) for k in start)
     assert all(torch.isfinite(v).all() for v in end.values())
 
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_instance_reused_for_a_second_fit_acts_like_a_new_one(name):
+    """Notebooks and sweeps reuse callback objects: the second fit must equal a fit with fresh ones."""
+    reused = REGISTRY[name].make(Model())
+    _fit_with(name, reused)
+    again = _fit_with(name, reused)
+    fresh = _fit_with(name, REGISTRY[name].make(Model()))
+    assert_params_close(again, fresh, rtol=1e-6, atol=1e-7)
+
+
+def _fit_with(name, callbacks):
+    model = TinyClassifier(batch_size=16)
+    quiet_trainer(max_epochs=REGISTRY[name].max_epochs, limit_train_batches=2, callbacks=callbacks,
+                  **REGISTRY[name].trainer).fit(model)
+    return params_of(model)
+
+
+def test_regularizer_reused_without_dtnh_adds_its_gradient_again():
+    l2sp = L2SP(alpha=5.0)
+    quiet_trainer(max_steps=2, callbacks=[l2sp, DTNH()]).fit(TinyClassifier())
+    alone, fresh = TinyClassifier(), TinyClassifier()
+    quiet_trainer(max_steps=3, callbacks=[l2sp]).fit(alone)
+    quiet_trainer(max_steps=3, callbacks=[L2SP(alpha=5.0)]).fit(fresh)
+    assert_params_close(params_of(alone), params_of(fresh), rtol=0, atol=0)
