@@ -128,8 +128,23 @@ def test_cli_runs_the_quickstart_config(tmp_path):
     assert cli.trainer.state.finished and "val_acc" in cli.trainer.callback_metrics
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "quickstart.yaml"))
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name not in ("quickstart.yaml", "depth_scan.yaml"))
+)
 def test_every_method_config_builds_on_the_quickstart(config):
     cli = build_cli(["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(ROOT / "configs" / config)], run=False)
     names = {type(cb).__module__.split(".")[0] for cb in cli.trainer.callbacks}
     assert "lightning_transfer" in names or cli.model.hparams.layer_decay is not None
+
+
+def test_depth_scan_config_is_valid():
+    import yaml
+
+    settings = yaml.safe_load((ROOT / "configs/depth_scan.yaml").read_text())
+    assert set(settings) <= {"config", "depths", "seeds", "per_class", "out", "extra_args"}
+    assert all((ROOT / c).is_file() for c in settings["config"])
+    from lightning_transfer.cli import depth_scan_main
+
+    with pytest.raises(ValueError, match=r"depths \[42\] out of range"):  # parsed, validated, nothing run
+        depth_scan_main(["--scan-config", str(ROOT / "configs/depth_scan.yaml"), "--depths", "0,42",
+                         "--config", str(ROOT / "configs/quickstart.yaml")])
