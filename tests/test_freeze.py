@@ -203,3 +203,21 @@ def test_sharded_strategies_are_rejected_with_a_clear_error():
     fake_trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
     with pytest.raises(ValueError, match="FSDP"):
         FreezeSchedule(depth=1).setup(fake_trainer, TinyClassifier(), "fit")
+
+
+@pytest.mark.slow
+def test_ddp_unfreeze_mid_training_keeps_ranks_identical_and_frozen_blocks_untouched(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "contract" / "ddp_run.py"
+    # registry entry "FreezeSchedule": block 0 frozen throughout, block 1 unfrozen at epoch 2 (after the wrap)
+    proc = subprocess.run([sys.executable, str(script), "FreezeSchedule", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert_params_close(ranks[0], ranks[1], rtol=0, atol=0)
+    start = params_of(TinyClassifier(batch_size=8))
+    for name in ("backbone.0.0.weight", "backbone.0.1.weight", "backbone.0.1.bias"):
+        assert torch.equal(ranks[0][name], start[name]), f"frozen {name} moved"
+    assert not torch.equal(ranks[0]["backbone.1.0.weight"], start["backbone.1.0.weight"]), "the unfrozen block did not train"
