@@ -139,19 +139,25 @@ class L2SP(GradientRegularizer):
         fisher = [self._fisher[i] for i in idx] if self._fisher is not None else None
         return [self._params[i] for i in idx], [self._anchors[i] for i in idx], fisher
 
-    @override
-    def regularizer_gradients(self, trainer: Trainer, pl_module: LightningModule) -> tuple[list[Tensor], list[Tensor]]:
+    def _terms(self, compute_value: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """``(params, r, value)`` of the whole penalty: α·P on transferred tensors, β/2·‖·‖² on the head."""
         params, anchors, fisher = self._active()
-        log_now = self._log_now(trainer)
-        value, grads = sp_penalty_and_grad(params, anchors, self.alpha, self.norm, fisher, compute_value=log_now)
+        value, grads = sp_penalty_and_grad(params, anchors, self.alpha, self.norm, fisher, compute_value=compute_value)
+        params = list(params)
         head = [p for p in self._head_params if p.requires_grad]
         if self.beta > 0 and head:
-            head_value, head_grads = sp_penalty_and_grad(head, None, self.beta, "l2", compute_value=log_now)
-            params, grads = list(params) + head, grads + head_grads
-            value = value + head_value if log_now else None
+            head_value, head_grads = sp_penalty_and_grad(head, None, self.beta, "l2", compute_value=compute_value)
+            params, grads = params + head, grads + head_grads
+            value = value + head_value if compute_value else None
+        return params, grads, value
+
+    @override
+    def regularizer_gradients(self, trainer: Trainer, pl_module: LightningModule) -> tuple[list[Tensor], list[Tensor]]:
+        log_now = self._log_now(trainer)
+        params, grads, value = self._terms(compute_value=log_now)
         if log_now:
             pl_module.log(f"{self.prefix}/penalty", value, on_step=True, on_epoch=False)
-        return list(params), grads
+        return params, grads
 
     def _log_now(self, trainer: Trainer) -> bool:
         """The penalty value costs a pass over w and w0: compute it on the steps the loggers record."""
@@ -184,12 +190,7 @@ class L2SP(GradientRegularizer):
             return super().on_before_optimizer_step(trainer, pl_module, optimizer)
         with torch.no_grad():
             lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-            params, anchors, fisher = self._active()
-            value, pulls = sp_penalty_and_grad(params, anchors, self.alpha, self.norm, fisher)
-            head = [p for p in self._head_params if p.requires_grad]
-            if self.beta > 0 and head:
-                head_value, head_pulls = sp_penalty_and_grad(head, None, self.beta, "l2")
-                params, pulls, value = list(params) + head, pulls + head_pulls, value + head_value
+            params, pulls, value = self._terms(compute_value=True)
             by_lr: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
             for p, r in zip(params, pulls):
                 if id(p) in lr_of:
