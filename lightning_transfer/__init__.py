@@ -10,7 +10,7 @@ from lightning_transfer.callbacks import (
     MaxEntropyHeadInit,
     RepresentationSimilarity,
 )
-from lightning_transfer.data import AnimalMNISTDataModule, ImageFolderDataModule
+from lightning_transfer.data import AnimalMNISTDataModule, ArrayDataModule, ImageFolderDataModule
 from lightning_transfer.model import TransferClassifier, build_backbone
 from lightning_transfer.optim import build_param_groups
 from lightning_transfer.scan import depth_scan
@@ -27,6 +27,7 @@ __all__ = [
     "MaxEntropyHeadInit",
     "RepresentationSimilarity",
     "AnimalMNISTDataModule",
+    "ArrayDataModule",
     "ImageFolderDataModule",
     "TransferClassifier",
     "build_backbone",

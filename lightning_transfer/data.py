@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_transfer.assets import load_animal_mnist
 
-__all__ = ["AnimalMNISTDataModule", "ImageFolderDataModule", "stratified_split"]
+__all__ = ["AnimalMNISTDataModule", "ArrayDataModule", "ImageFolderDataModule", "few_shot_splits", "stratified_split"]
 
 ANIMAL_MNIST_CLASSES = 10
 
@@ -119,35 +119,92 @@ class AnimalMNISTDataModule(_SplitDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        for key, value in (("per_class", per_class), ("val_per_class", val_per_class), ("test_per_class", test_per_class)):
-            if value < 1:
-                raise ValueError(f"{key} must be at least 1, got {value}.")
+        _check_split_sizes(per_class, val_per_class, test_per_class)
         self.save_hyperparameters()
         self.num_classes = ANIMAL_MNIST_CLASSES
         self._splits: dict[str, Dataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
-        hp = self.hparams
-        images, labels = load_animal_mnist()
-        test, val, pool = stratified_split(labels, [hp.test_per_class, hp.val_per_class, None], hp.seed)
-        smallest = int(np.bincount(labels[pool]).min())
-        if hp.per_class > smallest:
-            raise ValueError(
-                f"per_class={hp.per_class} is larger than the data: the smallest class has {smallest} training "
-                f"images left after {hp.test_per_class} test and {hp.val_per_class} validation images per class. "
-                f"Use per_class <= {smallest}."
-            )
-        (train,) = stratified_split(labels[pool], [hp.per_class], hp.seed + 1)
-        train = pool[train]
-        size = hp.image_size
-        self._splits = {
-            "train": _TensorImages(images[train], labels[train], size, augment=hp.augment),
-            "val": _TensorImages(images[val], labels[val], size),
-            "test": _TensorImages(images[test], labels[test], size),
-        }
+        if not self._splits:
+            self._splits = few_shot_splits(*load_animal_mnist(), self.hparams)
 
+
+def _check_split_sizes(per_class: int, val_per_class: int, test_per_class: int) -> None:
+    for key, value in (("per_class", per_class), ("val_per_class", val_per_class), ("test_per_class", test_per_class)):
+        if value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}.")
+
+
+def few_shot_splits(images: np.ndarray, labels: np.ndarray, hp) -> dict[str, Dataset]:
+    """Per class and by ``hp.seed``: test, validation, then ``per_class`` training images, disjoint;
+    the test split does not depend on ``per_class`` or ``val_per_class``."""
+    test, val, pool = stratified_split(labels, [hp.test_per_class, hp.val_per_class, None], hp.seed)
+    smallest = int(np.bincount(labels[pool]).min())
+    if hp.per_class > smallest:
+        raise ValueError(
+            f"per_class={hp.per_class} is larger than the data: the smallest class has {smallest} training "
+            f"images left after {hp.test_per_class} test and {hp.val_per_class} validation images per class. "
+            f"Use per_class <= {smallest}."
+        )
+    (train,) = stratified_split(labels[pool], [hp.per_class], hp.seed + 1)
+    train = pool[train]
+    size = hp.image_size
+    return {
+        "train": _TensorImages(images[train], labels[train], size, augment=hp.augment),
+        "val": _TensorImages(images[val], labels[val], size),
+        "test": _TensorImages(images[test], labels[test], size),
+    }
+
+
+class ArrayDataModule(_SplitDataModule):
+    """In-memory grayscale images as a few-shot task, split like :class:`AnimalMNISTDataModule`.
+
+    Args:
+        images: ``uint8`` array ``(N, H, W)``.
+        labels: Integer array ``(N,)`` with classes ``0..C-1``.
+        per_class: Training images per class.
+        val_per_class: Validation images per class.
+        test_per_class: Test images per class.
+        image_size: Side of the square input.
+        batch_size: Batch size of every loader.
+        seed: Seed of the split (and of nothing else).
+        augment: Random horizontal flips for training.
+        num_workers: DataLoader workers.
+
+    Example::
+
+        dm = ArrayDataModule(images, labels, per_class=10, image_size=28)
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        per_class: int = 10,
+        val_per_class: int = 50,
+        test_per_class: int = 200,
+        image_size: int = 28,
+        batch_size: int = 32,
+        seed: int = 0,
+        augment: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_split_sizes(per_class, val_per_class, test_per_class)
+        if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(labels):
+            raise ValueError(f"images must be a uint8 array (N, H, W) with one label each; got {images.dtype} "
+                             f"{images.shape} and {len(labels)} labels.")
+        classes = np.unique(labels)
+        if not np.array_equal(classes, np.arange(len(classes))) or len(classes) < 2:
+            raise ValueError(f"labels must be the classes 0..C-1 (C >= 2); got {classes.tolist()[:20]}.")
+        self.save_hyperparameters(ignore=["images", "labels"])
+        self.num_classes = len(classes)
+        self._images, self._labels = images, np.asarray(labels, dtype=np.int64)
+        self._splits: dict[str, Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self._splits:
+            self._splits = few_shot_splits(self._images, self._labels, self.hparams)
 
 
 class ImageFolderDataModule(_SplitDataModule):

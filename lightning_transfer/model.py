@@ -119,7 +119,10 @@ class TransferClassifier(LightningModule):
     images in ``[0, 1]`` and can never disagree with the weights.
 
     Args:
-        backbone: See :func:`build_backbone`.
+        backbone: A name for :func:`build_backbone`, or your own pre-trained network as a module: its
+            head (see :func:`~lightning_transfer.find_head`) is replaced by a new one for
+            ``num_classes`` and inputs reach it as the data module gives them (no normalization);
+            ``pretrained`` and ``weights`` then do not apply.
         num_classes: Number of target classes (at least 2).
         pretrained: ``False`` trains from scratch (the baseline every transfer method should beat).
         weights: torchvision weights enum name.
@@ -140,7 +143,7 @@ class TransferClassifier(LightningModule):
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
+        backbone: str | nn.Module = "efficientnet_lite0",
         num_classes: int = 10,
         pretrained: bool = True,
         weights: str | None = None,
@@ -156,8 +159,14 @@ class TransferClassifier(LightningModule):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
-        self.save_hyperparameters()
-        self.backbone, (mean, std) = build_backbone(backbone, num_classes, pretrained, weights)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+        if isinstance(backbone, nn.Module):  # the user's own pre-trained network: new head, no normalization
+            self.save_hyperparameters(ignore=["backbone"])
+            self.backbone, (mean, std) = replace_head(backbone, num_classes), ((0.0,), (1.0,))
+        else:
+            self.save_hyperparameters()
+            self.backbone, (mean, std) = build_backbone(backbone, num_classes, pretrained, weights)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -25,3 +25,13 @@ def test_accuracy_quick_and_resume(tmp_path, capsys):
     capsys.readouterr()
     accuracy.main(["--quick", "--out", str(tmp_path)])  # finished runs are not recomputed
     assert "test_acc=" not in capsys.readouterr().out
+
+
+def test_accuracy_controlled_quick(tmp_path):
+    import accuracy_controlled
+
+    accuracy_controlled.main(["--quick", "--out", str(tmp_path)])
+    text = (tmp_path / "results.md").read_text()
+    for row in ("### close target", "### far target", "| plain |", "| MEI |", "Depth scan (far)"):
+        assert row in text, row
+    assert (tmp_path / "source_cnn_1ep.pt").is_file()

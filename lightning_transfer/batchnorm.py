@@ -1,0 +1,99 @@
+"""BatchNorm running statistics: re-estimate them from data, and put them back afterwards.
+
+Early in fine-tuning the weights move faster than BatchNorm's exponential running averages follow,
+so eval-mode accuracy understates how far training has come (Wu & Johnson, "Rethinking 'Batch' in
+BatchNorm", 2021, call the fix *precise BN*). :func:`reestimate_batchnorm` recomputes the statistics
+of every BatchNorm layer that is in training mode as an exact average over a few batches; layers in
+eval mode (frozen blocks) keep theirs, because training used those. :func:`batchnorm_state_kept`
+restores the statistics, the layers' modes and the RNG afterwards, so an evaluation with re-estimated
+statistics leaves the training run bit-for-bit as it would have been.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["batchnorm_state_kept", "reestimate_batchnorm"]
+
+
+@contextmanager
+def batchnorm_state_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, change BatchNorm statistics freely; on exit they, every module's train/eval
+    mode and the CPU and CUDA RNG states are as they were.
+
+    Example::
+
+        with batchnorm_state_kept(model):
+            reestimate_batchnorm(model, train_batches)
+            accuracy = evaluate(model.eval(), val_batches)
+    """
+    saved = {
+        m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+    }
+    modes = {m: m.training for m in model.modules()}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield model
+        finally:
+            for m, (mean, var, count) in saved.items():
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+            for m, training in modes.items():
+                m.training = training
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:
+    """Replace the running statistics of every training-mode BatchNorm layer with the exact mean and
+    (unbiased) variance of its input over all samples in ``batches`` (the inputs, or ``(inputs, ...)``
+    tuples), as seen by the model in its current modes. Every sample counts equally, whatever the
+    batch sizes (PyTorch's ``momentum=None`` average weights a last batch of 4 like one of 32).
+    Eval-mode BatchNorm layers are left alone. Returns the number of re-estimated layers.
+
+    Example::
+
+        reestimate_batchnorm(model, trainer.datamodule.train_dataloader(), max_batches=16)
+    """
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    if not layers:
+        return 0
+    sums: dict[nn.Module, list] = {m: [0, 0.0, 0.0] for m in layers}  # count, sum, sum of squares
+
+    def accumulate(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().double()
+        dims = [0, *range(2, x.dim())]
+        acc = sums[module]
+        acc[0] += x.numel() // x.shape[1]
+        acc[1] = acc[1] + x.sum(dims)
+        acc[2] = acc[2] + x.square().sum(dims)
+
+    handles = [m.register_forward_pre_hook(accumulate) for m in layers]
+    device = next(model.parameters()).device
+    try:
+        seen = 0
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+            seen += 1
+        if seen == 0:
+            raise ValueError("reestimate_batchnorm got no batches; pass a non-empty loader.")
+    finally:
+        for h in handles:
+            h.remove()
+    for m, (n, total, squares) in sums.items():
+        mean = total / n
+        var = (squares / n - mean.square()).clamp_min(0) * (n / max(n - 1, 1))
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+    return len(layers)
