@@ -183,7 +183,18 @@ def paired_summary(rows: list[dict], group, title: str, by: str = "per_class") -
             cells.append("—" if method == "plain" else t_interval(s["diffs"]))
         reach = "/".join(f"{statistics.median(s['reach']):g}" if s["reach"] else "—" for s in (st, sb))
         lines.append(f"| {method} | {' | '.join(cells)} | {len(st['accs'])} | {reach} |")
+    for method in raw:
+        base = method.removesuffix("+DTNH")
+        if method.endswith("+DTNH") and base in raw:  # DTNH's claim is against the regularizer it wraps
+            lines.append(f"\n{method} − {base}, paired: BN as trained {t_interval(paired_between(rows, group, method, base, 'test_acc', by))}, "
+                         f"BN re-estimated {t_interval(paired_between(rows, group, method, base, 'test_acc_bn', by))}")
     return lines + [""]
+
+
+def paired_between(rows: list[dict], group, a: str, b: str, acc: str, by: str = "per_class") -> list[float]:
+    """Per-seed differences ``a − b`` of two methods in one group."""
+    runs = {(r["method"], int(r["seed"])): float(r[acc]) for r in rows if str(r[by]) == str(group)}
+    return [runs[(a, s)] - runs[(b, s)] for (m, s) in runs if m == a and (b, s) in runs]
 
 
 def read_rows(path: Path) -> list[dict]:
