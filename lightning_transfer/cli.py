@@ -2,19 +2,105 @@
 
 from __future__ import annotations
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-__all__ = ["TransferCLI", "build_cli", "main"]
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+__all__ = ["SaveRunConfig", "TransferCLI", "build_cli", "compose_callbacks", "main"]
+
+
+def _config_paths(args: Sequence[str]) -> list[tuple[int, str]]:
+    """``(index of the last argument of the option, path)`` of every ``--config`` file in ``args``."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            found.append((i + 1, args[i + 1]))
+        elif arg.startswith("--config="):
+            found.append((i, arg.split("=", 1)[1]))
+    return [(i, p) for i, p in found if Path(p).is_file()]
+
+
+def _callbacks_of(path: str) -> list[Any] | None:
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
+    if callbacks is None:
+        return None
+    return callbacks if isinstance(callbacks, list) else [callbacks]
+
+
+def compose_callbacks(args: Sequence[str]) -> list[str]:
+    """Make stacked ``--config`` files add up their ``trainer.callbacks`` instead of replacing them.
+
+    jsonargparse gives a later config's list precedence over an earlier one, so
+    ``--config quickstart.yaml --config l2sp.yaml --config freeze_depth.yaml`` would keep only the
+    FreezeSchedule while l2sp.yaml's other settings still applied. Here, when two or more config files
+    list callbacks, their lists are concatenated in order and passed as one explicit
+    ``--trainer.callbacks`` right after the last of them (later ``--trainer.callbacks+=...`` arguments
+    still append). The same callback with the same arguments in two files is an error: it would apply
+    twice.
+
+    Example::
+
+        >>> compose_callbacks(["fit", "--trainer.max_epochs=3"])
+        ['fit', '--trainer.max_epochs=3']
+    """
+    args = list(args)
+    sources = [(i, p, cbs) for i, p in _config_paths(args) if (cbs := _callbacks_of(p)) is not None]
+    if len(sources) < 2:
+        return args
+    merged: list[Any] = []
+    origin: list[str] = []
+    for _, path, callbacks in sources:
+        for cb in callbacks:
+            if cb in merged:
+                raise ValueError(
+                    f"Config files {origin[merged.index(cb)]} and {path} both add {cb}. Stacked configs add up their "
+                    "trainer.callbacks, so it would apply twice: remove it from one of the files."
+                )
+            merged.append(cb)
+            origin.append(path)
+    names = ", ".join(f"{Path(p).name}: {len(c)}" for _, p, c in sources)
+    rank_zero_info(f"lightning-transfer: trainer.callbacks composed from the stacked configs ({names}).")
+    last = sources[-1][0]
+    return [*args[: last + 1], f"--trainer.callbacks={json.dumps(merged)}", *args[last + 1:]]
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Save the resolved config into the logger's run folder; never into a folder it could clobber.
+
+    Without a logger, Lightning's ``log_dir`` is ``default_root_dir``, by default the working directory,
+    where a ``config.yaml`` may be the user's own file: nothing is saved then (an info line says so).
+    With a logger each run has its own versioned folder, so writing there cannot overwrite another run.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            rank_zero_info("lightning-transfer: no logger, so the run's config is not saved (it would land in "
+                           f"{trainer.default_root_dir}). Enable a logger to keep it with the run.")
+            return
+        super().setup(trainer, pl_module, stage)
 
 
 class TransferCLI(LightningCLI):
-    """LightningCLI that prints the final validation metrics after ``fit``.
+    """LightningCLI that composes stacked configs' callbacks and prints the final validation metrics after ``fit``.
 
     Modules and data modules are chosen with ``class_path`` (any importable LightningModule /
     LightningDataModule); ``lightning_transfer.TransferClassifier`` and
     ``lightning_transfer.AnimalMNISTDataModule`` are the defaults.
     """
+
+    def parse_arguments(self, parser, args) -> None:
+        if args is None or isinstance(args, (list, tuple)):
+            args = compose_callbacks(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
@@ -40,7 +126,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TransferCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveRunConfig,
+        save_config_kwargs={"overwrite": True},  # safe: SaveRunConfig writes only into versioned run folders
         auto_configure_optimizers=False,
     )
 

@@ -42,7 +42,7 @@ def build_param_groups(
         >>> import torchvision
         >>> groups = build_param_groups(torchvision.models.resnet18(weights=None), 0.1, 1e-4, layer_decay=0.5)
         >>> [(g["name"], g["lr"]) for g in groups][:2]
-        [('stem', 0.003125), ('stem.no_decay', 0.003125)]
+        [('conv1|bn1', 0.003125), ('conv1|bn1.no_decay', 0.003125)]
     """
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}. Use None to turn it off.")

@@ -29,7 +29,7 @@ class TinyClassifier(LightningModule):
 
     def __init__(self, dim: int = 16, classes: int = 4, optimizer: str = "sgd", lr: float = 0.1,
                  weight_decay: float = 0.0, extra_loss: Callable | None = None, batch_size: int = 16,
-                 n: int = 64, seed: int | None = 0, norm: bool = True):
+                 n: int = 64, seed: int | None = 0, norm: bool = True, layer_decay: float | None = None):
         super().__init__()
         if seed is not None:  # None: whatever seed_everything set
             torch.manual_seed(seed)
@@ -41,6 +41,7 @@ class TinyClassifier(LightningModule):
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
         self.extra_loss = extra_loss
         self.batch_size, self.n, self.dim, self.classes = batch_size, n, dim, classes
+        self.layer_decay = layer_decay
 
     def forward(self, x):
         return self.head(self.backbone(x))
@@ -62,9 +63,14 @@ class TinyClassifier(LightningModule):
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
     def configure_optimizers(self):
+        params = self.parameters()
+        if self.layer_decay is not None:  # per-block groups: lr * layer_decay**(blocks below the head)
+            from lightning_transfer import build_param_groups
+
+            params = build_param_groups(self, self.lr, self.weight_decay, self.layer_decay, decay_norm_and_bias=True)
         if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
     def train_dataloader(self):
         return DataLoader(make_data(self.n, self.dim, self.classes), batch_size=self.batch_size, shuffle=False)

@@ -113,3 +113,34 @@ def test_depth_scan_rejects_out_of_range_depths(tmp_path):
     with pytest.raises(ValueError, match=r"depths \[7\] out of range.*2 blocks"):
         depth_scan([_scan_config(tmp_path)], depths=[0, 7], out_dir=tmp_path / "scan")
     assert not (tmp_path / "scan" / "results.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"blocks": "backbone.0"}, TypeError, "blocks must be a list of strings"),
+        ({"blocks": [0, 1]}, TypeError, "blocks must be a list of strings"),
+        ({"blocks": []}, ValueError, "blocks must not be empty"),
+        ({"probe_size": 1}, ValueError, "probe_size must be an integer >= 2"),
+        ({"probe_size": -8}, ValueError, "probe_size must be an integer >= 2"),
+        ({"probe_size": 32.0}, TypeError, "probe_size must be an integer"),
+        ({"probe_size": float("nan")}, TypeError, "probe_size must be an integer"),
+        ({"probe_size": float("inf")}, TypeError, "probe_size must be an integer"),
+        ({"probe_size": True}, TypeError, "probe_size must be an integer"),
+        ({"measures": "cka"}, TypeError, "measures must be a list of strings"),
+        ({"measures": []}, ValueError, "measures must not be empty"),
+        ({"measures": ["cka", "svcca"]}, ValueError, "measures must be one of"),
+        ({"k": 0}, ValueError, "k must be an integer >= 1"),
+        ({"k": -3}, ValueError, "k must be an integer >= 1"),
+        ({"k": 2.0}, TypeError, "k must be an integer"),
+        ({"k": float("nan")}, TypeError, "k must be an integer"),
+        ({"k": float("inf")}, TypeError, "k must be an integer"),
+        ({"k": True}, TypeError, "k must be an integer"),
+        ({"k": 16, "probe_size": 16, "measures": ["overlap"]}, ValueError, "k must be < probe_size"),
+        ({"heatmap": 1}, TypeError, "heatmap must be a string or None"),
+        ({"heatmap": ""}, ValueError, "heatmap must not be empty"),
+    ],
+)
+def test_similarity_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=f"RepresentationSimilarity: {match}"):
+        RepresentationSimilarity(**kwargs)

@@ -134,3 +134,25 @@ def test_bad_input():
         quiet_trainer(max_steps=1, callbacks=[DTNH(), DTNH(), L2SP()]).fit(TinyClassifier())
     with pytest.raises(ValueError, match="granularity"):
         DTNH(granularity="block")
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"granularity": "layer"}, ValueError, "granularity must be one of 'tensor', 'global'"),
+    ({"eps": float("nan")}, ValueError, "eps must be a finite number"),
+    ({"eps": float("inf")}, ValueError, "eps must be a finite number"),
+    ({"eps": -1e-8}, ValueError, "eps must be >= 0"),
+    ({"eps": "1e-8"}, TypeError, "eps must be a real number"),
+])
+def test_every_argument_is_validated(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DTNH(**kwargs)
+
+
+def test_sharded_strategy_is_refused_at_setup():
+    import types
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(ValueError, match="DTNH does not support FSDPStrategy"):
+        DTNH().setup(trainer, TinyClassifier(), "fit")

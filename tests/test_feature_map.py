@@ -67,6 +67,25 @@ def test_penalty_function():
         feature_map_penalty([f], [f0[:, :2]], 1.0)
 
 
+def test_penalty_function_channel_dim():
+    """Channel weights broadcast along channel_dim (tokens/channels-last maps), checked element by element."""
+    f = torch.randn(3, 5, 4, requires_grad=True)  # (batch, tokens=5, channels=4)
+    f0 = torch.randn(3, 5, 4)
+    g, g0 = torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4)  # channels last (batch, H, W, C=4)
+    w, v = torch.tensor([1.0, 0.0, 2.0, 0.5]), torch.tensor([0.5, 1.5, 1.0, 1.0])
+    hand = sum(float(w[c]) * float(f[b, t, c] - f0[b, t, c]) ** 2 for b in range(3) for t in range(5) for c in range(4))
+    hand += sum(float(v[c]) * float(g[b, i, j, c] - g0[b, i, j, c]) ** 2
+                for b in range(3) for i in range(2) for j in range(3) for c in range(4))
+    value = feature_map_penalty([f, g], [f0, g0], 0.4, [w, v], channel_dim=[2, -1])
+    assert float(value) == pytest.approx(0.2 * hand / 3, rel=1e-5)
+    assert float(feature_map_penalty([f], [f0], 0.4, [w], channel_dim=-1)) == pytest.approx(
+        float(feature_map_penalty([f], [f0], 0.4, [w], channel_dim=2)))
+    with pytest.raises(ValueError, match="4 channel weights for dim 1 of size 5"):
+        feature_map_penalty([f], [f0], 0.4, [w])  # the default dim 1 holds tokens here
+    with pytest.raises(ValueError, match="channel_dim=0 is not a non-batch dim"):
+        feature_map_penalty([f], [f0], 0.4, [w], channel_dim=0)
+
+
 def test_reference_is_frozen_and_unchanged():
     model = TinyClassifier()
     start = params_of(model.backbone)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torchvision
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule
 
 from lightning_transfer import AnatomyError, FreezeSchedule, TransferClassifier, list_blocks
 from lightning_transfer.freezing import depth_at, gradual_milestones
@@ -161,7 +161,7 @@ def test_layer_decay_groups():
     net = torchvision.models.resnet18(weights=None)
     groups = build_param_groups(net, lr=1.0, weight_decay=0.1, layer_decay=0.5)
     by_name = {g["name"]: g for g in groups}
-    assert by_name["fc"]["lr"] == 1.0 and by_name["layer4"]["lr"] == 0.5 and by_name["stem"]["lr"] == 0.5**5
+    assert by_name["fc"]["lr"] == 1.0 and by_name["layer4"]["lr"] == 0.5 and by_name["conv1|bn1"]["lr"] == 0.5**5
     assert by_name["layer4.no_decay"]["weight_decay"] == 0.0 and by_name["layer4"]["weight_decay"] == 0.1
     assert all(p.ndim > 1 for p in by_name["layer4"]["params"])
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
@@ -173,7 +173,7 @@ def test_transfer_classifier_uses_layer_decay():
     model = TransferClassifier("efficientnet_lite0", num_classes=3, pretrained=False, layer_decay=0.8, scheduler="constant")
     opt = model.configure_optimizers()
     names = [g["name"] for g in opt.param_groups]
-    assert names[0].startswith("stem") and names[-1].startswith("_fc")
+    assert names[0].startswith("_conv_stem|_bn0") and names[-1].startswith("_fc")
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.8**9)
 
 
@@ -221,3 +221,187 @@ def test_ddp_unfreeze_mid_training_keeps_ranks_identical_and_frozen_blocks_untou
     for name in ("backbone.0.0.weight", "backbone.0.1.weight", "backbone.0.1.bias"):
         assert torch.equal(ranks[0][name], start[name]), f"frozen {name} moved"
     assert not torch.equal(ranks[0]["backbone.1.0.weight"], start["backbone.1.0.weight"]), "the unfrozen block did not train"
+
+
+# --- the user's own frozen parameters (issue 14, defect 7) ---------------------------------------
+
+
+class ManualProbe(Callback):
+    """Reference without FreezeSchedule: ``backbone[index]`` frozen (and in eval mode) before ``until``."""
+
+    def __init__(self, index, until):
+        self.index, self.until = index, until
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        frozen = trainer.current_epoch < self.until
+        pl_module.backbone[self.index].requires_grad_(not frozen)
+        pl_module.backbone[self.index].train(not frozen)
+
+
+def tiny_with_user_frozen(index, seed=0):
+    model = TinyClassifier(seed=seed)
+    model.backbone[index].requires_grad_(False)
+    return model
+
+
+def state_of(module):
+    return {n: t.detach().clone() for n, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+@pytest.mark.parametrize("schedule,user,other,until", [("lp_ft", 1, 0, 1), ("lp_ft", 0, 1, 1), ("gradual", 1, 0, 2)])
+def test_user_frozen_block_is_never_thawed_and_the_rest_trains_as_without_it(schedule, user, other, until):
+    # block `user` frozen by the user (block 0 holds a BatchNorm: its mode stays the user's, i.e. train);
+    # FreezeSchedule freezes block `other` until epoch `until` and must never touch block `user`
+    callback = FreezeSchedule.lp_ft(probe_epochs=1) if schedule == "lp_ft" else FreezeSchedule.gradual(every=1)
+    model = tiny_with_user_frozen(user)
+    start = params_of(model)
+    rec = Record(list_blocks)
+    quiet_trainer(max_epochs=3, callbacks=[callback, rec]).fit(model)
+    assert all(rec.trainable[e][user] is False for e in range(3)), rec.trainable
+    assert all(not p.requires_grad for p in model.backbone[user].parameters())
+    for n, p in model.backbone[user].named_parameters():
+        assert torch.equal(p, start[f"backbone.{user}.{n}"]), f"user-frozen backbone.{user}.{n} moved"
+    reference = tiny_with_user_frozen(user)
+    quiet_trainer(max_epochs=3, callbacks=[ManualProbe(other, until)]).fit(reference)
+    assert_params_close(state_of(model), state_of(reference), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("stop", [1, 3])
+def test_user_frozen_block_stays_frozen_after_a_resume(stop, tmp_path):
+    def schedule():
+        return [FreezeSchedule(milestones={0: "all", 2: 0})]
+
+    full = tiny_with_user_frozen(1)
+    start = params_of(full)
+    quiet_trainer(max_epochs=4, callbacks=schedule()).fit(full)
+    first = tiny_with_user_frozen(1)
+    t = quiet_trainer(max_epochs=4, callbacks=[*schedule(), StopAfter(stop)], enable_checkpointing=True,
+                      default_root_dir=tmp_path)
+    t.fit(first)
+    resumed = tiny_with_user_frozen(1, seed=5)  # built afresh; the user's code freezes backbone.1 again
+    rec = Record(list_blocks)
+    quiet_trainer(max_epochs=4, callbacks=[*schedule(), rec]).fit(resumed, ckpt_path=t.checkpoint_callback.best_model_path)
+    assert all(rec.trainable[e][1] is False for e in rec.trainable)
+    assert not any(p.requires_grad for p in resumed.backbone[1].parameters())
+    assert_params_close(params_of(resumed), params_of(full), rtol=1e-6, atol=1e-7)
+    for name in ("backbone.1.0.weight", "backbone.1.0.bias"):
+        assert torch.equal(params_of(resumed)[name], start[name]), f"user-frozen {name} moved"
+    if stop == 1:  # a resume that forgets to freeze what the checkpointed run froze is pointed out
+        with pytest.warns(UserWarning, match="frozen by you before fit"):
+            quiet_trainer(max_epochs=4, callbacks=schedule()).fit(TinyClassifier(), ckpt_path=t.checkpoint_callback.best_model_path)
+
+
+def test_a_later_schedule_on_the_same_model_still_unfreezes_what_an_earlier_one_froze():
+    model = TinyClassifier()
+    quiet_trainer(max_epochs=1, callbacks=[FreezeSchedule(depth="all")]).fit(model)
+    frozen = params_of(model)["backbone.0.0.weight"]
+    assert not model.backbone[0][0].weight.requires_grad
+    quiet_trainer(max_epochs=1, callbacks=[FreezeSchedule(depth=0)]).fit(model)  # not the user's: thawed
+    assert model.backbone[0][0].weight.requires_grad
+    assert not torch.equal(model.backbone[0][0].weight, frozen)
+
+
+@pytest.mark.parametrize("optimize", ["all", "trainable"])
+def test_user_frozen_bert_embeddings_stay_frozen_under_lp_ft(optimize):
+    from torch.utils.data import DataLoader
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lightning_transfer.batches import batch_inputs
+
+    class Bert(LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=32, num_labels=3)
+            self.model = BertForSequenceClassification(config)
+            self.model.bert.embeddings.requires_grad_(False)  # the user's choice
+
+        def training_step(self, batch, batch_idx):
+            out = self.model(**batch_inputs(batch), labels=batch["labels"])  # a ModelOutput
+            return out.loss
+
+        def configure_optimizers(self):  # "trainable": the user's frozen embeddings are not in the optimizer
+            params = [p for n, p in self.named_parameters() if optimize == "all" or ".embeddings." not in n]
+            return torch.optim.AdamW(params, lr=1e-2)
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, 50, (16, 8), generator=g)
+            rows = [{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": torch.tensor(i % 3)}
+                    for i in range(16)]
+            return DataLoader(rows, batch_size=8)
+
+    module = Bert()
+    start = params_of(module)
+    blocks = ["model.bert.embeddings", "model.bert.encoder.layer.0", "model.bert.encoder.layer.1", "model.bert.pooler"]
+    callback = FreezeSchedule.lp_ft(probe_epochs=1, blocks=blocks, head="model.classifier")
+    rec = Record(lambda m: list_blocks(m, blocks, "model.classifier"))
+    quiet_trainer(max_epochs=2, callbacks=[callback, rec]).fit(module)
+    assert [rec.trainable[e] for e in range(2)] == [[False] * 4 + [True], [False] + [True] * 4]
+    end = params_of(module)
+    for name in start:
+        if ".embeddings." in name:
+            assert torch.equal(start[name], end[name]) and not dict(module.named_parameters())[name].requires_grad, name
+    assert not torch.equal(start["model.bert.encoder.layer.0.attention.self.query.weight"],
+                           end["model.bert.encoder.layer.0.attention.self.query.weight"]), "the encoder did not train"
+
+
+# --- schedules that cannot finish (defect 10) ------------------------------------------------------
+
+
+def test_gradual_that_cannot_finish_within_max_epochs_warns_at_setup():
+    # 2 blocks, one unfrozen every 2 epochs: depth 0 only at epoch 4, but the run ends at epoch 2 with depth 1
+    with pytest.warns(UserWarning, match=r"ends at epoch 2 \(max_epochs=3\) with depth 1 .*every \(unfreeze_every\) <= 1"
+                                         r", or max_epochs >= 5, or a start depth <= 1"):
+        quiet_trainer(max_epochs=3, callbacks=[FreezeSchedule.gradual(every=2)]).fit(TinyClassifier())
+
+
+def test_schedule_cut_short_by_max_steps_warns_before_the_first_step():
+    model = TinyClassifier()  # 4 batches per epoch: max_steps=4 is one epoch, depth stays 2
+    with pytest.warns(UserWarning, match=r"ends at epoch 0 \(max_steps=4 .*with depth 2"):
+        quiet_trainer(max_epochs=-1, max_steps=4, callbacks=[FreezeSchedule.gradual(every=1)]).fit(model)
+    with pytest.warns(UserWarning, match=r"milestones.*ends at epoch 0 \(max_steps=4"):
+        quiet_trainer(max_epochs=5, max_steps=4, callbacks=[FreezeSchedule.lp_ft(probe_epochs=2)]).fit(TinyClassifier())
+
+
+def test_a_schedule_that_finishes_does_not_warn(recwarn):
+    quiet_trainer(max_epochs=3, callbacks=[FreezeSchedule.gradual(every=1)]).fit(TinyClassifier())
+    quiet_trainer(max_epochs=-1, max_steps=12, callbacks=[FreezeSchedule.gradual(every=1)]).fit(TinyClassifier())
+    assert not [w for w in recwarn if "FreezeSchedule" in str(w.message)]
+
+
+# --- sharded strategies (defect 15) and argument validation (defect 14) ----------------------------
+
+
+def test_fsdp2_model_parallel_is_rejected_without_the_flattening_claim():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    fake_trainer = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    with pytest.raises(ValueError, match="FreezeSchedule does not support ModelParallelStrategy") as err:
+        FreezeSchedule(depth=1).setup(fake_trainer, TinyClassifier(), "fit")
+    assert "flatten" not in str(err.value)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("make,argument", [
+    *[(lambda v=v: FreezeSchedule(depth=v), "depth") for v in (-1, 1.0, True, NAN, INF, "some", [1])],
+    *[(lambda v=v: FreezeSchedule(milestones=v), "milestones") for v in (
+        {-1: 0}, {0: -1}, {0: 1.5}, {0.5: 1}, {True: 0}, {"a": 1}, {0: True}, {0: "none"}, {0: NAN}, {INF: 0}, {},
+        [(0, 1)])],
+    *[(lambda v=v: FreezeSchedule(unfreeze_every=v), "unfreeze_every") for v in (0, -1, 1.5, True, NAN, INF, "2")],
+    (lambda: FreezeSchedule(depth=1, bn="frozen"), "bn"),
+    (lambda: FreezeSchedule(depth=1, bn=None), "bn"),
+    *[(lambda v=v: FreezeSchedule(depth=1, blocks=v), "blocks") for v in ("backbone.0", [1], [])],
+    (lambda: FreezeSchedule(depth=1, head=3), "head"),
+    *[(lambda v=v: FreezeSchedule.lp_ft(v), "probe_epochs") for v in (0, -1, 1.5, True, NAN, INF)],
+    *[(lambda v=v: FreezeSchedule.gradual(v), "every") for v in (0, -1, 1.5, True, NAN, INF)],
+    *[(lambda v=v: FreezeSchedule.gradual(1, start=v), "start") for v in (-1, 1.5, True, NAN, "none")],
+])
+def test_invalid_arguments_are_rejected_in_init_naming_the_argument(make, argument):
+    with pytest.raises((TypeError, ValueError), match=argument):
+        make()

@@ -204,3 +204,66 @@ def test_rifle_bad_input():
         quiet_trainer(max_epochs=4, callbacks=[RIFLE()]).fit(TinyClassifier())
     with pytest.raises(ValueError, match="fall in the last"):
         quiet_trainer(max_epochs=10, callbacks=[RIFLE(points=[9])]).fit(TinyClassifier())
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"head": 3}, TypeError, "head must be a string or None"),
+        ({"head": ""}, ValueError, "head must not be empty"),
+        ({"bias": None}, ValueError, "bias must be one of"),
+        ({"bias": "prior"}, ValueError, "bias must be one of"),
+        ({"class_counts": 5}, TypeError, "class_counts must be a list"),
+        ({"class_counts": "12"}, TypeError, "class_counts must be a list"),
+        ({"class_counts": []}, ValueError, "class_counts must not be empty"),
+        ({"class_counts": [3, -1]}, ValueError, "class_counts entries must be an integer >= 1"),
+        ({"class_counts": [3, NAN]}, TypeError, "class_counts entries must be an integer"),
+        ({"class_counts": [3, INF]}, TypeError, "class_counts entries must be an integer"),
+        ({"class_counts": [3, 2.5]}, TypeError, "class_counts entries must be an integer"),
+        ({"class_counts": [3, True]}, TypeError, "class_counts entries must be an integer"),
+    ],
+)
+def test_mei_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=f"MaxEntropyHeadInit: {match}"):
+        MaxEntropyHeadInit(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"num_reinits": 0}, ValueError, "num_reinits must be an integer >= 1"),
+        ({"num_reinits": -2}, ValueError, "num_reinits must be an integer >= 1"),
+        ({"num_reinits": 2.0}, TypeError, "num_reinits must be an integer"),
+        ({"num_reinits": NAN}, TypeError, "num_reinits must be an integer"),
+        ({"num_reinits": INF}, TypeError, "num_reinits must be an integer"),
+        ({"num_reinits": True}, TypeError, "num_reinits must be an integer"),
+        ({"points": 3}, TypeError, "points must be a list"),
+        ({"points": "3"}, TypeError, "points must be a list"),
+        ({"points": []}, ValueError, "points must not be empty"),
+        ({"points": [0, 3]}, ValueError, "points entries must be an integer >= 1"),
+        ({"points": [-1]}, ValueError, "points entries must be an integer >= 1"),
+        ({"points": [2.5]}, TypeError, "points entries must be an integer"),
+        ({"points": [NAN]}, TypeError, "points entries must be an integer"),
+        ({"points": [True]}, TypeError, "points entries must be an integer"),
+        ({"points": [3, 3]}, ValueError, "points must be distinct"),
+        ({"interval": "batch"}, ValueError, "interval must be one of"),
+        ({"min_epochs_after": -1}, ValueError, "min_epochs_after must be an integer >= 0"),
+        ({"min_epochs_after": 1.5}, TypeError, "min_epochs_after must be an integer"),
+        ({"min_epochs_after": INF}, TypeError, "min_epochs_after must be an integer"),
+        ({"min_epochs_after": False}, TypeError, "min_epochs_after must be an integer"),
+        ({"reset_optimizer_state": 1}, TypeError, "reset_optimizer_state must be True or False"),
+        ({"reset_optimizer_state": "no"}, TypeError, "reset_optimizer_state must be True or False"),
+        ({"init": "xavier"}, ValueError, "init must be one of"),
+        ({"head": ["fc"]}, TypeError, "head must be a string or None"),
+        ({"seed": -1}, ValueError, "seed must be an integer >= 0"),
+        ({"seed": 1.0}, TypeError, "seed must be an integer"),
+        ({"seed": NAN}, TypeError, "seed must be an integer"),
+        ({"seed": True}, TypeError, "seed must be an integer"),
+    ],
+)
+def test_rifle_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=f"RIFLE: {match}"):
+        RIFLE(**kwargs)

@@ -1,15 +1,26 @@
 """L2SP against the reference: the penalty in the loss, differentiated by autograd, in a real Trainer."""
 
+import types
 import warnings
 
 import pytest
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_transfer import AnatomyError
+from lightning_transfer import AnatomyError, TransferClassifier, build_backbone
 from lightning_transfer.callbacks import L2SP
-from lightning_transfer.functional import estimate_fisher, save_fisher
-from tests.helpers import TinyClassifier, assert_params_close, make_data, params_of, quiet_trainer
+from lightning_transfer.callbacks.base import select_parameters
+from lightning_transfer.functional import estimate_fisher, match_fisher, save_fisher
+from tests.helpers import (
+    ImageModule,
+    TinyClassifier,
+    assert_params_close,
+    make_data,
+    params_of,
+    quiet_trainer,
+)
 from tests.test_penalties import reference_penalty
 
 
@@ -150,7 +161,7 @@ def test_exclude_and_norm_bias_selection():
 
 
 def test_bad_input_fails_before_training():
-    with pytest.raises(ValueError, match="alpha and beta must be >= 0"):
+    with pytest.raises(ValueError, match="L2SP: alpha must be >= 0"):
         L2SP(alpha=-1)
     with pytest.raises(FileNotFoundError, match="Fisher file"):
         L2SP(fisher="/nonexistent/fisher.pt")
@@ -196,3 +207,75 @@ def test_fisher_is_per_example_not_batch_mean():
     assert net[0].weight.grad.square().sum() < 0.5 * fisher["0.weight"].sum()
     normalized = estimate_fisher(net, DataLoader(make_data(10, 5, 3), batch_size=5), seed=3)
     assert abs(float(torch.cat([f.flatten() for f in normalized.values()]).mean()) - 1.0) < 1e-5
+
+
+def _distinct_fisher(module: nn.Module) -> dict[str, torch.Tensor]:
+    """One constant per tensor (its index): a wrong match shows even where shapes agree."""
+    return {n: torch.full_like(p, float(i + 1)) for i, (n, p) in enumerate(module.named_parameters())}
+
+
+def test_fisher_takes_the_longest_suffix_torchvision_resnet(tmp_path):
+    """``net.layer1.0.bn1.weight`` must get ``layer1.0.bn1.weight``, not the stem's ``bn1.weight`` (same shape)."""
+    import torchvision
+
+    model = ImageModule(torchvision.models.resnet18(num_classes=3))
+    fisher = _distinct_fisher(model.net)  # estimated on the bare network: names lack the "net." prefix
+    save_fisher(fisher, tmp_path / "fisher.pt")
+    cb = L2SP(alpha=0.1, fisher=str(tmp_path / "fisher.pt"))
+    quiet_trainer(max_steps=1, callbacks=[cb]).fit(model)
+    assert "net.layer1.0.bn1.weight" in cb._names
+    for name, f in zip(cb._names, cb._fisher):
+        torch.testing.assert_close(f, fisher[name.removeprefix("net.")], rtol=0, atol=0, msg=name)
+
+
+def test_fisher_of_the_bare_backbone_fits_transfer_classifier():
+    """The README recipe: a Fisher estimated on build_backbone(..., num_classes=None) for TransferClassifier."""
+    source, _ = build_backbone("efficientnet_lite0", num_classes=None, pretrained=False)
+    fisher = _distinct_fisher(source)
+    model = TransferClassifier("efficientnet_lite0", pretrained=False, num_classes=3)
+    transferred, _, _ = select_parameters(model)
+    matched = match_fisher(fisher, transferred)
+    assert any(n == "backbone._blocks.0._bn1.weight" for n, _ in transferred)
+    for (name, _), f in zip(transferred, matched):
+        torch.testing.assert_close(f, fisher[name.removeprefix("backbone.")], rtol=0, atol=0)
+
+
+def test_fisher_missing_an_entry_is_not_filled_by_a_shorter_one():
+    params = [("backbone.conv1.weight", torch.zeros(2)), ("backbone.layer1.0.bn1.weight", torch.zeros(2))]
+    with pytest.raises(ValueError, match=r"only a shorter entry fits.*layer1\.0\.bn1\.weight got 'bn1\.weight'"):
+        match_fisher({"conv1.weight": torch.ones(2), "bn1.weight": torch.ones(2)}, params)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"alpha": float("nan")}, ValueError, "alpha must be a finite number"),
+    ({"alpha": float("inf")}, ValueError, "alpha must be a finite number"),
+    ({"alpha": -0.1}, ValueError, "alpha must be >= 0"),
+    ({"alpha": True}, TypeError, "alpha must be a real number"),
+    ({"alpha": "0.1"}, TypeError, "alpha must be a real number"),
+    ({"beta": float("nan")}, ValueError, "beta must be a finite number"),
+    ({"beta": -1.0}, ValueError, "beta must be >= 0"),
+    ({"norm": "l3"}, ValueError, "norm must be one of 'l2', 'l1', 'group_lasso'"),
+    ({"anchor_dtype": "float16"}, ValueError, "anchor_dtype must be one of"),
+    ({"exclude": "backbone"}, TypeError, "exclude must be a list of strings"),
+    ({"exclude": [1]}, TypeError, "exclude must be a list of strings"),
+    ({"include_norm_and_bias": 0}, TypeError, "include_norm_and_bias must be True or False"),
+    ({"decoupled": "yes"}, TypeError, "decoupled must be True or False"),
+    ({"fused": None}, TypeError, "fused must be True or False"),
+    ({"fisher": 3}, TypeError, "fisher must be a string or None"),
+    ({"fisher": "/nonexistent/fisher.pt"}, FileNotFoundError, "Fisher file"),
+    ({"head": 5}, TypeError, "head must be a string or None"),
+])
+def test_every_argument_is_validated(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        L2SP(**kwargs)
+
+
+def test_nan_alpha_no_longer_trains_to_nan():
+    with pytest.raises(ValueError, match="finite"):
+        quiet_trainer(max_steps=2, callbacks=[L2SP(alpha=float("nan"))]).fit(TinyClassifier())
+
+
+def test_sharded_strategy_is_refused_at_setup():
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(ValueError, match="L2SP does not support FSDPStrategy"):
+        L2SP().setup(trainer, TinyClassifier(), "fit")

@@ -1,7 +1,10 @@
-"""Known block layouts of model families (torchvision, timm, EfficientNet-Lite) and the generic fallback.
+"""Known block layouts of model families (torchvision, timm, EfficientNet-Lite, Hugging Face) and the
+generic fallback.
 
-A layout is a list of ``(block name, rule)`` in forward order; a rule is a regex matched against the
-start of parameter names (up to a ``.`` boundary) or, for timm, the list of parameter names itself.
+A layout is a list of ``(placeholder, rule)`` in forward order; a rule is a regex matched against the
+start of parameter names (up to a ``.`` boundary) or, for timm and Hugging Face, the list of parameter
+names itself. Placeholders only keep blocks apart: :func:`~lightning_transfer.list_blocks` names each
+block after the real modules (and loose parameters) it ends up holding.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import re
 from collections.abc import Sequence
 
 from torch import nn
+
+from lightning_transfer.anatomy.hf import hf_layout
 
 __all__ = ["AnatomyError", "common_prefix", "generic_layout", "known_layout"]
 
@@ -74,15 +79,11 @@ def _timm_layout(model: nn.Module) -> list[tuple[str, list[str]]] | None:
     except ImportError:  # pragma: no cover - timm-like model without timm
         return None
     groups = group_parameters(model, model.group_matcher(coarse=True))
-    layout = []
-    for i, (_, names) in enumerate(sorted(groups.items())):
-        prefix = common_prefix(names)
-        layout.append((prefix if prefix and i else ("stem" if i == 0 else f"group{i}"), list(names)))
-    return layout
+    return [(f"group{i}", list(names)) for i, (_, names) in enumerate(sorted(groups.items()))]
 
 
 def known_layout(model: nn.Module) -> list[tuple[str, object]] | None:
-    return _timm_layout(model) or _lite_layout(model) or _torchvision_layout(model)
+    return _timm_layout(model) or _lite_layout(model) or hf_layout(model) or _torchvision_layout(model)
 
 
 def common_prefix(names: Sequence[str]) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -15,7 +16,9 @@ from typing_extensions import override
 from lightning_transfer.anatomy import AnatomyError, find_head
 from lightning_transfer.optim import norm_and_bias_ids
 
-__all__ = ["GradientRegularizer", "add_to_grads", "select_parameters"]
+__all__ = [
+    "GradientRegularizer", "add_to_grads", "check_one_optimizer_per_parameter", "optimizer_param_ids", "select_parameters",
+]
 
 
 def select_parameters(
@@ -64,6 +67,42 @@ def add_to_grads(params: Sequence[Tensor], contributions: Sequence[Tensor]) -> N
         torch._foreach_add_(existing_p, existing_r)
 
 
+_PARAM_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def optimizer_param_ids(optimizer: Optimizer) -> set[int]:
+    """``id`` of every parameter held by ``optimizer`` (a torch optimizer or a ``LightningOptimizer``).
+
+    Cached per optimizer; the cache is rebuilt when the param groups change (``add_param_group``, a
+    group's list replaced or resized), so it costs one pass over the groups per call, not over tensors.
+    """
+    key = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
+    groups = optimizer.param_groups
+    signature = tuple((id(g["params"]), len(g["params"])) for g in groups)
+    cached = _PARAM_IDS.get(key)
+    if cached is None or cached[0] != signature:
+        cached = (signature, {id(p) for g in groups for p in g["params"]})
+        _PARAM_IDS[key] = cached
+    return cached[1]
+
+
+def check_one_optimizer_per_parameter(
+    optimizers: Iterable[Optimizer], named_params: Iterable[tuple[str, Tensor]], owner: str
+) -> None:
+    """Refuse a parameter held by two optimizers: its regularizer gradient would be applied twice."""
+    optimizers = list(optimizers)
+    if len(optimizers) < 2:
+        return
+    held = [optimizer_param_ids(opt) for opt in optimizers]
+    shared = [n for n, p in named_params if sum(id(p) in ids for ids in held) > 1]
+    if shared:
+        raise ValueError(
+            f"{owner}: parameter(s) {shared[:5]} are held by more than one optimizer, so each of their steps "
+            f"would apply {owner}'s gradient more than once. Give every parameter to exactly one optimizer in "
+            "configure_optimizers."
+        )
+
+
 class GradientRegularizer(Callback):
     """Base of callbacks that contribute a gradient ``r`` to each optimizer step.
 
@@ -76,6 +115,7 @@ class GradientRegularizer(Callback):
 
     def __init__(self) -> None:
         self._deferred_to: int | None = None
+        self._backwards = 0  # backward passes since the last optimizer step (see window_scale)
 
     def defer(self, trainer: Trainer) -> None:
         """Hand ``r`` to another callback instead of adding it to ``.grad``, for fits of ``trainer``.
@@ -94,16 +134,38 @@ class GradientRegularizer(Callback):
         return True
 
     def regularizer_gradients(
-        self, trainer: Trainer, pl_module: LightningModule
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer | None = None
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """``(params, r)`` for the current optimizer step."""
+        """``(params, r)`` for the current step of ``optimizer``: only parameters it holds (all when ``None``).
+
+        Lightning calls ``on_before_optimizer_step`` once per optimizer (manual optimization with several
+        optimizers), so restricting to the optimizer's parameters applies each ``r`` exactly once.
+        """
         raise NotImplementedError
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._backwards += 1
+
+    def window_scale(self, trainer: Trainer) -> float:
+        """``m/k`` for an analytic ``r``, where ``m`` backward passes ran since the last step; resets ``m``.
+
+        Lightning divides every micro-batch loss by ``k = accumulate_grad_batches``, so the task gradient
+        of a window of ``m < k`` micro-batches (the last, partial window of an epoch) is scaled ``m/k``; a
+        penalty in the loss would be too. Scaling ``r`` the same keeps "equals putting the penalty in the
+        loss" exact. Manual optimization does not divide: 1.
+        """
+        m, self._backwards = self._backwards, 0
+        k = trainer.accumulate_grad_batches
+        if not trainer.lightning_module.automatic_optimization or k <= 1 or m <= 0 or m >= k:
+            return 1.0
+        return m / k
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if self.is_deferred(trainer) or not self.contributes_gradient:
             return
-        params, contributions = self.regularizer_gradients(trainer, pl_module)
+        params, contributions = self.regularizer_gradients(trainer, pl_module, optimizer)
         add_to_grads(params, contributions)
 
 

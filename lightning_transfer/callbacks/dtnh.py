@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_transfer.callbacks.base import GradientRegularizer
 from lightning_transfer.functional.projection import project_conflicting_
+from lightning_transfer.validation import check_choice, check_number, check_strategy
 
 __all__ = ["DTNH"]
 
@@ -24,7 +25,8 @@ class DTNH(Callback):
     whatever the order of the callbacks. In ``on_before_optimizer_step`` (after accumulation, AMP
     unscaling and the DDP all-reduce; before clipping) it sums their ``r``, projects it against the task
     gradient ``g = .grad`` where they conflict, and writes ``g + r'`` into ``.grad``. With L2SP alone no
-    extra backward pass runs (its ``r`` is analytic). Logs ``dtnh/projected`` (fraction of tensors
+    extra backward pass runs (its ``r`` is analytic). With several optimizers (manual optimization) each
+    optimizer's step projects the ``r`` of its own parameters only, so each ``r`` is applied once. Logs ``dtnh/projected`` (fraction of tensors
     projected), ``dtnh/cosine`` (mean cosine of r and g) and ``dtnh/removed_norm``.
 
     Args:
@@ -37,17 +39,15 @@ class DTNH(Callback):
     """
 
     def __init__(self, granularity: Literal["tensor", "global"] = "tensor", eps: float = 1e-20) -> None:
-        if granularity not in ("tensor", "global"):
-            raise ValueError(f"granularity must be 'tensor' or 'global', got {granularity!r}.")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}.")
-        self.granularity, self.eps = granularity, eps
+        self.granularity = check_choice("DTNH", "granularity", granularity, ("tensor", "global"))
+        self.eps = check_number("DTNH", "eps", eps, minimum=0)
         self._regularizers: list[GradientRegularizer] = []
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, "DTNH")
         if sum(isinstance(cb, DTNH) for cb in trainer.callbacks) > 1:
             raise ValueError("Only one DTNH callback per Trainer: it already projects every regularizer's gradient.")
         found = [cb for cb in trainer.callbacks if isinstance(cb, GradientRegularizer)]
@@ -67,7 +67,7 @@ class DTNH(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         merged: dict[int, tuple[torch.nn.Parameter, Tensor]] = {}
         for cb in self._regularizers:
-            params, contributions = cb.regularizer_gradients(trainer, pl_module)
+            params, contributions = cb.regularizer_gradients(trainer, pl_module, optimizer)
             for p, r in zip(params, contributions):
                 if id(p) in merged:
                     merged[id(p)] = (p, merged[id(p)][1] + r)

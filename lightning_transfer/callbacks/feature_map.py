@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_transfer import batches
 from lightning_transfer.anatomy import resolve_module
-from lightning_transfer.callbacks.base import GradientRegularizer
-from lightning_transfer.functional.feature_maps import channel_attention, feature_map_penalty
+from lightning_transfer.callbacks.base import GradientRegularizer, optimizer_param_ids
+from lightning_transfer.functional.feature_maps import (
+    channel_attention,
+    feature_map_penalty,
+    resolve_channel_dim,
+)
+from lightning_transfer.validation import check_int, check_number, check_strategy, check_strings
 
 __all__ = ["FeatureMapRegularization"]
+
+OWNER = "FeatureMapRegularization"
 
 
 class FeatureMapRegularization(GradientRegularizer):
@@ -25,10 +37,14 @@ class FeatureMapRegularization(GradientRegularizer):
     BatchNorm statistics, no dropout), run on the same inputs as the live model. Nothing in the user's
     ``training_step`` changes: forward hooks capture the live features, and the penalty's gradient ``r``
     is computed by its own autograd pass right after the forward (before the main backward frees the
-    graph). ``r`` is accumulated over micro-batches exactly as Lightning scales the loss, averaged
-    across DDP ranks, and added in ``on_before_optimizer_step`` (or handed to DTNH). Under 16-bit AMP
-    the pass uses the GradScaler's scale and unscales ``r``; a non-finite ``r`` is dropped and counted
-    in ``delta/nonfinite``.
+    graph), for the parameters of ``root`` that require grad at that forward (so blocks a
+    :class:`FreezeSchedule` unfreezes later are regularized from then on; a micro-batch with no
+    trainable parameter upstream of the layers is skipped and counted in ``delta/skipped``). ``r`` is
+    accumulated per parameter over micro-batches exactly as Lightning scales the loss, averaged across
+    DDP ranks, and added in ``on_before_optimizer_step`` to the parameters of the optimizer being
+    stepped (each once, whatever the number of optimizers), or handed to DTNH. Under 16-bit AMP the
+    pass uses the GradScaler's scale and unscales ``r``; a non-finite ``r`` is dropped and counted in
+    ``delta/nonfinite``. A resume with changed ``alpha``/``attention`` keeps the checkpoint's reference.
 
     Channel attention (DELTA's "with attention" variant, ``attention=True``): at the start of epoch
     ``attention_epoch``, each channel ``c`` of each layer is weighted by ``C·softmax(Δ_c/T)``, where
@@ -37,12 +53,12 @@ class FeatureMapRegularization(GradientRegularizer):
     held closer to the pre-trained ones. Weights average to 1 (so ``alpha`` keeps its meaning), are
     averaged across DDP ranks and saved in checkpoints; before ``attention_epoch`` all weights are 1.
     Set ``attention_epoch`` after a linear-probing phase (e.g. ``FreezeSchedule.lp_ft``) so that the
-    head is trained when the losses are measured, as DELTA does. Attention assumes batches
-    ``(x, y)`` and a ``forward(x)`` that returns class logits; it costs one forward per channel.
+    head is trained when the losses are measured, as DELTA does. Batches may be ``(x, y)`` or dicts
+    with ``labels``; the model may return logits or a ``ModelOutput``. It costs one forward per channel.
 
     Args:
         layers: Dotted module names whose outputs are regularized (unknown names list candidates).
-        alpha: Strength.
+        alpha: Strength (finite, >= 0).
         root: Module whose forward receives the inputs (default: the top-level child of the
             LightningModule containing all layers, e.g. ``backbone``; the LightningModule itself when
             the layers live at different top-level children).
@@ -50,6 +66,9 @@ class FeatureMapRegularization(GradientRegularizer):
         attention_epoch: Epoch at whose start the attention is measured.
         attention_examples: Training examples (from the first batches) used to measure it.
         attention_temperature: Softmax temperature ``T``.
+        channel_dim: Dim of the layers' outputs that holds the channels (attention only). ``None``:
+            per layer, 1 for ``(B, C)``, the last for ``(B, tokens, C)``, and for 4-D+ outputs what the
+            layer's last conv/norm/linear says (an error asks for it when that is unclear).
 
     Example::
 
@@ -65,27 +84,38 @@ class FeatureMapRegularization(GradientRegularizer):
         attention_epoch: int = 0,
         attention_examples: int = 64,
         attention_temperature: float = 1.0,
+        channel_dim: int | None = None,
     ) -> None:
         super().__init__()
+        layers = check_strings(OWNER, "layers", layers)
         if not layers:
-            raise ValueError("FeatureMapRegularization needs at least one layer name in `layers`.")
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}.")
-        if attention and (attention_epoch < 0 or attention_examples < 1 or attention_temperature <= 0):
-            raise ValueError("attention needs attention_epoch >= 0, attention_examples >= 1 and attention_temperature > 0.")
-        self.layers, self.alpha, self.root = list(layers), alpha, root
-        self.attention, self.attention_epoch = attention, attention_epoch
-        self.attention_examples, self.attention_temperature = attention_examples, attention_temperature
+            raise ValueError(f"{OWNER} needs at least one layer name in `layers`, e.g. layers=['backbone.layer4'].")
+        if root is not None and not isinstance(root, str):
+            raise TypeError(f"{OWNER}: root must be a module name (str) or None, got {root!r} ({type(root).__name__}).")
+        if not isinstance(attention, bool):
+            raise TypeError(f"{OWNER}: attention must be True or False, got {attention!r} ({type(attention).__name__}).")
+        if channel_dim is not None:
+            channel_dim = check_int(OWNER, "channel_dim", channel_dim)
+            if channel_dim == 0:
+                raise ValueError(f"{OWNER}: channel_dim=0 is the batch dim; pass 1 (channels first) or -1 (channels last).")
+        self.layers, self.alpha, self.root = layers, check_number(OWNER, "alpha", alpha, minimum=0), root
+        self.attention, self.attention_epoch = attention, check_int(OWNER, "attention_epoch", attention_epoch, minimum=0)
+        self.attention_examples = check_int(OWNER, "attention_examples", attention_examples, minimum=1)
+        self.attention_temperature = check_number(OWNER, "attention_temperature", attention_temperature, minimum=0,
+                                                  exclusive_minimum=True)
+        self.channel_dim = channel_dim
         self.channel_weights: list[Tensor] | None = None
         self._reference: nn.Module | None = None
         self._loaded: dict[str, Tensor] | None = None
         self._handles: list[Any] = []
         self._live: dict[str, Tensor] = {}
         self._ref: dict[str, Tensor] = {}
-        self._params: list[nn.Parameter] = []
-        self._accum: list[Tensor] | None = None
-        self._micro_batches = 0
-        self._nonfinite = 0
+        self._channel_dims: dict[str, int] = {}
+        self._root_params: list[nn.Parameter] = []
+        self._accum: dict[int, tuple[nn.Parameter, Tensor]] = {}
+        self._captures = 0  # training forwards of root seen in this fit
+        self._captures_at: dict[int | None, int] = {}  # ... when each optimizer last stepped
+        self._nonfinite = self._skipped = 0
         self._pl_module: LightningModule | None = None
         self._trainer: Trainer | None = None
 
@@ -103,6 +133,7 @@ class FeatureMapRegularization(GradientRegularizer):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, OWNER)
         self.channel_weights, self._loaded = None, None  # a new fit (a resume restores them after setup)
         for name in self.layers:
             resolve_module(pl_module, name, "layer")
@@ -123,13 +154,16 @@ class FeatureMapRegularization(GradientRegularizer):
             self._reference.load_state_dict(self._loaded)
             self._loaded = None
         prefix = root_name + "." if root_name else ""
-        local = [n[len(prefix):] for n in self.layers]
-        self._params = [p for p in root.parameters() if p.requires_grad]
+        # all of root's parameters: those that require grad are taken at each forward (FreezeSchedule)
+        self._root_params = list(root.parameters())
+        self._accum, self._captures, self._captures_at, self._nonfinite, self._skipped = {}, 0, {}, 0, 0
+        self._channel_dims = {}
         self._handles = [
             root.register_forward_pre_hook(self._on_root_input, with_kwargs=True),
             root.register_forward_hook(self._on_root_output),
         ]
-        for full, name in zip(self.layers, local):
+        for full in self.layers:
+            name = full[len(prefix):]
             self._handles.append(root.get_submodule(name).register_forward_hook(self._store(self._live, full)))
             self._handles.append(self._reference.get_submodule(name).register_forward_hook(self._store(self._ref, full)))
         self._capturing = False
@@ -142,6 +176,11 @@ class FeatureMapRegularization(GradientRegularizer):
 
         return hook
 
+    def _dim_of(self, pl_module: nn.Module, name: str, shape: tuple[int, ...]) -> int:
+        if name not in self._channel_dims:
+            self._channel_dims[name] = resolve_channel_dim(pl_module.get_submodule(name), shape, self.channel_dim, name)
+        return self._channel_dims[name]
+
     def _on_root_input(self, module, args, kwargs):
         self._capturing = module.training and torch.is_grad_enabled() and self.alpha > 0
         if self._capturing:
@@ -151,52 +190,77 @@ class FeatureMapRegularization(GradientRegularizer):
     def _on_root_output(self, module, args, output):
         if not self._capturing:
             return
-        self._capturing = False
+        self._capturing, self._captures = False, self._captures + 1
+        (ref_args, ref_kwargs), self._inputs = self._inputs, None
+        params = [p for p in self._root_params if p.requires_grad]
+        missing = [n for n in self.layers if n not in self._live]
+        if missing:
+            raise RuntimeError(f"{OWNER}: layers {missing} were not called in the forward of root "
+                               f"{self._root_name() or 'the LightningModule'!r}; pass root='<module that calls them>'.")
+        if not params:  # everything is frozen (e.g. linear probing): no gradient to compute
+            self._live.clear()
+            self._skipped += 1
+            return
         with torch.no_grad():
             self._ref.clear()
-            ref_args, ref_kwargs = self._inputs
             self._reference(*ref_args, **ref_kwargs)
-        self._inputs = None
-        weights = [w.to(self._live[n].device) for w, n in zip(self.channel_weights, self.layers)] if self.channel_weights else None
-        penalty = feature_map_penalty([self._live[n] for n in self.layers], [self._ref[n] for n in self.layers], self.alpha, weights)
+        live, ref = [self._live[n] for n in self.layers], [self._ref[n] for n in self.layers]
         self._live.clear()
         self._ref.clear()
+        weights, dims = None, [1] * len(live)
+        if self.channel_weights is not None:
+            weights = [w.to(f.device) for w, f in zip(self.channel_weights, live)]
+            dims = [self._dim_of(self._pl_module, n, tuple(f.shape)) for n, f in zip(self.layers, live)]
+        penalty = feature_map_penalty(live, ref, self.alpha, weights, dims)
+        self._pl_module.log("delta/penalty", penalty.detach(), on_step=True, on_epoch=False)
+        if not penalty.requires_grad:  # no trainable parameter upstream of the layers
+            self._skipped += 1
+            return
         scaler = getattr(self._trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        params = [p for p in self._params if p.requires_grad]
         grads = torch.autograd.grad(penalty * scale, params, retain_graph=True, allow_unused=True)
         factor = 1.0 / (scale * self._trainer.accumulate_grad_batches)
         kept = [(p, g.detach() * factor) for p, g in zip(params, grads) if g is not None]
-        params, grads = [p for p, _ in kept], [g for _, g in kept]
-        if not all(torch.isfinite(g).all() for g in grads):
+        if not all(torch.isfinite(g).all() for _, g in kept):
             self._nonfinite += 1
             return
-        if self._accum is None or len(self._accum) != len(grads):
-            self._accum, self._accum_params = grads, params
-        else:
-            torch._foreach_add_(self._accum, grads)
-        self._micro_batches += 1
-        self._pl_module.log("delta/penalty", penalty.detach(), on_step=True, on_epoch=False)
+        for p, g in kept:  # keyed by parameter: the trainable set may change inside a window
+            if id(p) in self._accum:
+                self._accum[id(p)][1].add_(g)
+            else:
+                self._accum[id(p)] = (p, g)
 
     @override
-    def regularizer_gradients(self, trainer: Trainer, pl_module: LightningModule) -> tuple[list[Tensor], list[Tensor]]:
-        if self._micro_batches == 0 and self._nonfinite == 0 and self.alpha > 0:
+    def regularizer_gradients(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """``(params, r)`` for the parameters of ``optimizer`` (all when ``None``); their entries are cleared."""
+        key = None if optimizer is None else id(optimizer)
+        if self.alpha > 0 and self._captures == self._captures_at.get(key, 0):
             raise RuntimeError(
-                f"FeatureMapRegularization captured no features in this step: root "
+                f"{OWNER} captured no features since the last step of this optimizer: root "
                 f"{self._root_name() or type(pl_module).__name__!r} was never called in training mode. Pass "
                 "root='<module your training_step calls>'."
             )
+        self._captures_at[key] = self._captures
         pl_module.log("delta/nonfinite", float(self._nonfinite), on_step=True, on_epoch=False)
-        if self._accum is None:
-            return [], []
-        params, grads = self._accum_params, self._accum
-        if trainer.world_size > 1:  # g is already averaged across ranks: r must be too
-            flat = torch.cat([g.flatten() for g in grads])
+        pl_module.log("delta/skipped", float(self._skipped), on_step=True, on_epoch=False)
+        self._nonfinite = self._skipped = 0
+        ids = None if optimizer is None else optimizer_param_ids(optimizer)
+        mine = [k for k in self._accum if ids is None or k in ids]
+        entries = [self._accum.pop(k) for k in mine]
+        # a parameter frozen since its r was accumulated must get no .grad (the optimizer would move it)
+        entries = [(p, r) for p, r in entries if p.requires_grad]
+        if trainer.world_size > 1 and self.alpha > 0:  # g is already averaged across ranks: r must be too
+            # the same parameters in the same order on every rank: those with a (DDP-synchronized) task gradient
+            got = {id(p): r for p, r in entries}
+            params = [p for p in self._root_params if p.requires_grad and p.grad is not None and (ids is None or id(p) in ids)]
+            if not params:
+                return [], []
+            flat = torch.cat([got[id(p)].flatten() if id(p) in got else p.new_zeros(p.numel()) for p in params])
             flat = trainer.strategy.reduce(flat, reduce_op="mean")
-            grads = list(flat.split([g.numel() for g in grads]))
-            grads = [g.view_as(p) for g, p in zip(grads, params)]
-        self._accum, self._micro_batches, self._nonfinite = None, 0, 0
-        return params, grads
+            return params, [c.view_as(p) for c, p in zip(flat.split([p.numel() for p in params]), params)]
+        return [p for p, _ in entries], [r for _, r in entries]
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -205,35 +269,40 @@ class FeatureMapRegularization(GradientRegularizer):
 
     @torch.no_grad()
     def _measure_attention(self, trainer: Trainer, pl_module: LightningModule) -> list[Tensor]:
-        was_training = pl_module.training
+        loader = batches.train_loader_of(trainer)
+        if loader is None:
+            raise RuntimeError(f"{OWNER}: attention needs the training loader, and none was found.")
+        modes = {m: m.training for m in pl_module.modules()}  # restored as they were (frozen BatchNorm stays eval)
         pl_module.eval()
-        xs, ys, count = [], [], 0
-        for batch in trainer.train_dataloader:
-            x, y = trainer.strategy.batch_to_device(batch)[:2]
-            xs.append(x)
-            ys.append(y)
-            count += len(x)
+        inputs, labels, count = [], [], 0
+        for batch in loader:
+            batch = trainer.strategy.batch_to_device(batch)
+            inputs.append(batches.batch_inputs(batch))
+            labels.append(batches.batch_labels(batch))
+            count += batches.batch_size_of(inputs[-1])
             if count >= self.attention_examples:
                 break
-        x_all, y_all = torch.cat(xs)[: self.attention_examples], torch.cat(ys)[: self.attention_examples]
+        x_all = batches.slice_inputs(batches.concat_inputs(inputs), self.attention_examples)
+        y_all = torch.cat(labels)[: self.attention_examples].to(trainer.strategy.root_device)
 
         def loss() -> Tensor:
-            return F.cross_entropy(pl_module(x_all).float(), y_all)
+            logits = batches.logits_of(batches.call_model(pl_module, x_all)).float()
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_all.reshape(-1))
 
-        channels: dict[str, int] = {}
-        probes = [pl_module.get_submodule(n).register_forward_hook(
-            lambda m, a, o, n=n: channels.__setitem__(n, o.shape[1])) for n in self.layers]
+        shapes: dict[str, tuple[int, ...]] = {}
+        probes = [pl_module.get_submodule(n).register_forward_hook(self._store(shapes, n)) for n in self.layers]
         base = loss()
         for h in probes:
             h.remove()
         weights = []
         for name in self.layers:
             layer, increases = pl_module.get_submodule(name), []
-            for c in range(channels[name]):
-                def zero_channel(module, args, output, c=c):
-                    output = output.clone()
-                    output[:, c] = 0
-                    return output
+            dim = self._dim_of(pl_module, name, tuple(shapes[name].shape))
+            for c in range(shapes[name].shape[dim]):
+                def zero_channel(module, args, output, c=c, dim=dim):
+                    first = (output[0] if isinstance(output, (tuple, list)) else output).clone()
+                    first.select(dim, c).zero_()
+                    return type(output)((first, *output[1:])) if isinstance(output, (tuple, list)) else first
 
                 handle = layer.register_forward_hook(zero_channel)
                 increases.append(loss() - base)
@@ -241,7 +310,8 @@ class FeatureMapRegularization(GradientRegularizer):
             weights.append(channel_attention(torch.stack(increases), self.attention_temperature))
         if trainer.world_size > 1:
             weights = [trainer.strategy.reduce(w, reduce_op="mean") for w in weights]
-        pl_module.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         return [w.detach().cpu() for w in weights]
 
     @override
@@ -265,4 +335,33 @@ class FeatureMapRegularization(GradientRegularizer):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict["reference"]) or None
-        self.channel_weights = state_dict.get("channel_weights")
+        self.channel_weights = state_dict.get("channel_weights") if self.attention else None
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resume with changed ``alpha``/``attention``: adopt the checkpoint's reference for the same layers."""
+        states = checkpoint.get("callbacks") or {}
+        if trainer.state.fn != TrainerFn.FITTING or self.state_key in states:
+            return
+        prefix, same, others = type(self).__qualname__, [], []
+        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, FeatureMapRegularization) and cb is not self}
+        for key, state in states.items():
+            if not isinstance(key, str) or not key.startswith(prefix + "{") or key in claimed or "reference" not in state:
+                continue
+            try:
+                args = ast.literal_eval(key[len(prefix):])
+            except (ValueError, SyntaxError):
+                args = {}
+            (same if isinstance(args, dict) and list(args.get("layers", ())) == self.layers else others).append((key, state))
+        if len(same) > 1:
+            raise ValueError(f"{self.state_key}: the checkpoint holds {len(same)} {OWNER} states for layers "
+                             f"{self.layers} ({[k for k, _ in same]}), so which pre-trained reference to resume is "
+                             "ambiguous. Resume with the same arguments as one of them.")
+        if not same:
+            raise ValueError(f"{self.state_key}: the checkpoint holds no {OWNER} state for layers {self.layers} "
+                             f"(found {[k for k, _ in others] or 'none'}), so the pre-trained reference is unknown "
+                             "(the resumed weights are fine-tuned). Resume with the callbacks the checkpoint was "
+                             "written with, or start a new fit without ckpt_path.")
+        rank_zero_info(f"{OWNER}: arguments changed since the checkpoint ({same[0][0]} -> {self.state_key}); "
+                       "keeping its pre-trained reference.")
+        self.load_state_dict(copy.deepcopy(same[0][1]))

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_transfer.anatomy import list_blocks
-from lightning_transfer.freezing import ALL, depth_at, freeze_blocks, gradual_milestones, set_frozen_bn_eval
+from lightning_transfer.freezing import (
+    ALL,
+    check_depth,
+    check_milestones,
+    depth_at,
+    freeze_blocks,
+    gradual_milestones,
+    set_frozen_bn_eval,
+    user_frozen_ids,
+)
+from lightning_transfer.validation import check_choice, check_int, check_strategy, check_strings
 
 __all__ = ["FreezeSchedule"]
+
+_OWNER = "FreezeSchedule"
 
 
 class FreezeSchedule(Callback):
@@ -27,23 +41,33 @@ class FreezeSchedule(Callback):
     * Frozen parameters get ``requires_grad=False`` (no gradient is computed), so momentum and weight
       decay never move them; BatchNorm layers of frozen blocks stay in eval mode (``bn="eval"``) even
       though Lightning calls ``model.train()`` every epoch.
+    * It never thaws what it did not freeze: parameters with ``requires_grad=False`` at setup (frozen
+      by you, e.g. embeddings or a ``layer3``) stay frozen at every depth, in every schedule and after
+      a resume (freeze them again before ``fit``, as the checkpointed run did). A BatchNorm layer all
+      of whose parameters you froze is yours too: its train/eval mode is never changed (Lightning's
+      ``model.train()`` puts it in train mode, so its running statistics update unless you put it in
+      eval mode yourself). Your frozen parameters need not be in the optimizer.
     * The optimizer holds all parameters from the start (frozen ones get no update), so a block that is
       unfrozen trains with fresh optimizer state (cleared on unfreeze) at the learning rate its param
-      group has under any LR scheduler (OneCycleLR, LambdaLR, ...). A parameter in no optimizer group
-      is a clear error.
+      group has under any LR scheduler (OneCycleLR, LambdaLR, ...). A parameter it may unfreeze that is
+      in no optimizer group is a clear error.
     * Resume: the depth is a function of the epoch, re-applied at every epoch start, so a resumed run is
       frozen exactly like an uninterrupted one (BackboneFinetuning stays frozen forever after a resume
       past its unfreeze epoch, Lightning issue #21901).
     * DDP: the first depth is applied before the model is wrapped; blocks unfrozen later are unknown to
       DDP (Lightning issue #20340), so their gradients are averaged across ranks here, in one flat
       all-reduce per step. A schedule that freezes more later needs
-      ``DDPStrategy(find_unused_parameters=True)`` and says so at setup. FSDP and DeepSpeed are rejected.
+      ``DDPStrategy(find_unused_parameters=True)`` and says so at setup. Sharded strategies (FSDP,
+      FSDP2 through ``ModelParallelStrategy``, DeepSpeed) are rejected at setup.
+    * The schedule runs on epochs: milestones past ``max_epochs`` are an error; a gradual schedule that
+      cannot unfreeze every block by the last epoch, or any schedule cut short by ``max_steps`` (also
+      with ``max_epochs=-1``), is a warning naming the depth the run ends at.
 
     Args:
-        depth: Blocks frozen for the whole run (int or ``"all"``).
+        depth: Blocks frozen for the whole run (int >= 0 or ``"all"``).
         milestones: ``{epoch: depth}``; before the first milestone the depth is 0.
         unfreeze_every: Gradual unfreezing: start at ``depth`` (default ``"all"``), one block fewer every
-            ``unfreeze_every`` epochs.
+            ``unfreeze_every`` epochs (an int >= 1).
         bn: ``"eval"`` (frozen BatchNorm keeps its running statistics) or ``"train"`` (they keep updating).
         blocks: Explicit blocks (module names or regexes), see :func:`~lightning_transfer.list_blocks`.
         head: Explicit head name.
@@ -62,42 +86,48 @@ class FreezeSchedule(Callback):
         blocks: list[str] | None = None,
         head: str | None = None,
     ) -> None:
+        if depth is not None:
+            check_depth(_OWNER, "depth", depth)
+        if unfreeze_every is not None:
+            check_int(_OWNER, "unfreeze_every", unfreeze_every, minimum=1)
+        if milestones is not None:
+            milestones = check_milestones(_OWNER, milestones)
+        check_choice(_OWNER, "bn", bn, ("eval", "train"))
+        if blocks is not None:
+            blocks = check_strings(_OWNER, "blocks", blocks, allow_empty=False)
+        if head is not None and not isinstance(head, str):
+            raise TypeError(f"{_OWNER}: head must be a module name (str) or None, got {head!r} ({type(head).__name__}).")
         if sum(x is not None for x in (milestones, unfreeze_every)) + (depth is not None and unfreeze_every is None) != 1:
             raise ValueError("Give exactly one of: depth (fixed), milestones, or unfreeze_every (with an optional start depth).")
-        if bn not in ("eval", "train"):
-            raise ValueError(f"bn must be 'eval' or 'train', got {bn!r}.")
-        if milestones is not None and (not milestones or min(int(k) for k in milestones) < 0):
-            raise ValueError(f"milestones must map epochs >= 0 to depths, got {milestones}.")
         self.depth, self.unfreeze_every, self.bn = depth, unfreeze_every, bn
-        self.milestones = {int(k): v for k, v in milestones.items()} if milestones is not None else None
+        self.milestones = milestones
         self.blocks, self.head = blocks, head
         self._blocks: list[tuple[str, torch.nn.Module]] = []
         self._schedule: dict[int, int] = {}
         self.current_depth: int | None = None
         self._ddp_managed: set[int] = set()
+        self._user_frozen: set[int] = set()
+        self._user_frozen_names: list[str] | None = None
         self._trainable = 0.0
 
     @classmethod
     def lp_ft(cls, probe_epochs: int, **kwargs: Any) -> FreezeSchedule:
         """Linear probing for ``probe_epochs`` (everything but the head frozen), then full fine-tuning."""
-        if probe_epochs < 1:
-            raise ValueError(f"probe_epochs must be at least 1, got {probe_epochs}.")
+        check_int(f"{_OWNER}.lp_ft", "probe_epochs", probe_epochs, minimum=1)
         return cls(milestones={0: ALL, probe_epochs: 0}, **kwargs)
 
     @classmethod
     def gradual(cls, every: int, start: int | Literal["all"] = ALL, **kwargs: Any) -> FreezeSchedule:
         """Gradual unfreezing: one block more every ``every`` epochs, top-down, from ``start`` frozen blocks."""
+        check_int(f"{_OWNER}.gradual", "every", every, minimum=1)
+        check_depth(f"{_OWNER}.gradual", "start", start)
         return cls(depth=start, unfreeze_every=every, **kwargs)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise ValueError(
-                f"FreezeSchedule supports single-device and DDP strategies, not {type(trainer.strategy).__name__}: "
-                "sharded strategies (FSDP, DeepSpeed) flatten parameters, so requires_grad cannot change per block."
-            )
+        check_strategy(trainer, _OWNER)
         self._blocks = list_blocks(pl_module, self.blocks, self.head)
         n = len(self._blocks) - 1
         if self.milestones is not None:
@@ -109,7 +139,12 @@ class FreezeSchedule(Callback):
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
         late = [e for e in self._schedule if max_epochs is not None and e >= max_epochs and e > 0]
         if late and self.unfreeze_every is None:
-            raise ValueError(f"milestones at epochs {late} are past max_epochs={max_epochs}: they would never apply.")
+            raise ValueError(
+                f"{_OWNER}: milestones at epochs {late} are past max_epochs={max_epochs}: they would never apply. "
+                f"Use milestone epochs < {max_epochs}, or max_epochs >= {max(late) + 1}."
+            )
+        if late:
+            self._warn_unfinished(max_epochs - 1, f"max_epochs={max_epochs}", f"max_epochs >= {max(late) + 1}")
         depths = [self._schedule[e] for e in sorted(self._schedule)]
         refreezes = any(b > a for a, b in zip(depths, depths[1:]))
         if refreezes and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
@@ -118,18 +153,39 @@ class FreezeSchedule(Callback):
                     "This schedule freezes more blocks later; under DDP that needs "
                     "Trainer(strategy=DDPStrategy(find_unused_parameters=True))."
                 )
+        # what the user froze, before this callback changes anything: never thawed
+        self._user_frozen = user_frozen_ids(pl_module)
+        self._user_frozen_names = [name for name, p in pl_module.named_parameters() if id(p) in self._user_frozen]
         self.current_depth = None
         self._apply(trainer, self._depth_for(0))  # before DDP wraps the model
+
+    def _warn_unfinished(self, last_epoch: int, limit: str, longer: str) -> None:
+        final = self._schedule[max(self._schedule)]
+        reached = self._depth_for(last_epoch)
+        if self.unfreeze_every is not None:
+            first = self._schedule[0]
+            ways = [f"every (unfreeze_every) <= {last_epoch // first}"] if last_epoch // first >= 1 else []
+            ways += [longer, f"a start depth <= {last_epoch // self.unfreeze_every}"]
+            how = ", or ".join(ways)
+            what = f"Gradual unfreezing (every={self.unfreeze_every}, start depth {first})"
+        else:
+            how = f"milestones within the run, or {longer}"
+            what = f"The milestones {dict(sorted(self._schedule.items()))}"
+        rank_zero_warn(
+            f"{_OWNER}: {what} reaches depth {final} at epoch {max(self._schedule)}, but the run ends "
+            f"at epoch {last_epoch} ({limit}) with depth {reached} ({reached} of {len(self._blocks) - 1} blocks "
+            f"still frozen). To finish the schedule, use {how}."
+        )
 
     def _depth_for(self, epoch: int) -> int:
         return depth_at(epoch, self._schedule, len(self._blocks) - 1)
 
     def _apply(self, trainer: Trainer | None, depth: int, training: bool = True) -> None:
         previous = self.current_depth
-        freeze_blocks(self._blocks, depth, self.bn, training)
+        freeze_blocks(self._blocks, depth, self.bn, training, self._user_frozen)
         if trainer is not None and previous is not None and depth < previous:
             # blocks depth..previous-1 train again: fresh optimizer state (momentum from before is stale)
-            ids = {id(p) for _, block in self._blocks[depth:previous] for p in block.parameters()}
+            ids = {id(p) for _, block in self._blocks[depth:previous] for p in block.parameters()} - self._user_frozen
             for opt in trainer.optimizers:
                 for p in [p for p in opt.state if id(p) in ids]:
                     del opt.state[p]
@@ -138,7 +194,7 @@ class FreezeSchedule(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        in_blocks = {id(p) for _, block in self._blocks for p in block.parameters()}
+        in_blocks = {id(p) for _, block in self._blocks for p in block.parameters()} - self._user_frozen
         missing = [n for n, p in pl_module.named_parameters() if id(p) in in_blocks and id(p) not in in_optimizer]
         if missing:
             raise ValueError(
@@ -149,16 +205,31 @@ class FreezeSchedule(Callback):
         self._ddp_managed = {id(p) for p in pl_module.parameters() if p.requires_grad}
 
     @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # max_steps may end the run before max_epochs (or with max_epochs=-1): the schedule is on epochs
+        batches = trainer.num_training_batches
+        if trainer.max_steps <= 0 or not isinstance(batches, int) or batches <= 0:
+            return
+        steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        last = math.ceil(trainer.max_steps / steps_per_epoch) - 1
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        if (max_epochs is None or last < max_epochs - 1) and max(self._schedule, default=0) > last:
+            need = (max(self._schedule) + 1) * steps_per_epoch
+            self._warn_unfinished(last, f"max_steps={trainer.max_steps} at {steps_per_epoch} steps per epoch",
+                                  f"max_steps >= {need}")
+
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         depth = self._depth_for(trainer.current_epoch)
         if depth != self.current_depth:
             self._apply(trainer, depth, pl_module.training)
-        set_frozen_bn_eval(self._blocks, depth, self.bn)
+        set_frozen_bn_eval(self._blocks, depth, self.bn, self._user_frozen)
         self._trainable = float(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        set_frozen_bn_eval(self._blocks, self.current_depth or 0, self.bn)  # validation calls model.train()
+        # validation calls model.train()
+        set_frozen_bn_eval(self._blocks, self.current_depth or 0, self.bn, self._user_frozen)
         pl_module.log("freeze/depth", float(self.current_depth or 0), on_step=True, on_epoch=False)
         pl_module.log("freeze/trainable_params", self._trainable, on_step=True, on_epoch=False)
 
@@ -168,6 +239,7 @@ class FreezeSchedule(Callback):
             return
         # Blocks unfrozen after DDP wrapped the model are unknown to DDP: average their gradients here,
         # after every backward (linear, so exact under accumulation) and before any callback reads them.
+        # The user's frozen parameters never get requires_grad, so they are never part of it.
         late = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in self._ddp_managed]
         if late:
             for p in late:
@@ -178,7 +250,7 @@ class FreezeSchedule(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": dict(self._schedule), "depth": self.current_depth}
+        return {"schedule": dict(self._schedule), "depth": self.current_depth, "user_frozen": self._user_frozen_names}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -186,6 +258,16 @@ class FreezeSchedule(Callback):
         if self._schedule and saved != self._schedule:
             raise ValueError(f"The checkpoint was trained with freeze schedule {saved}, this run has {self._schedule}.")
         self._schedule = saved
+        theirs = state_dict.get("user_frozen")
+        if theirs is not None and self._user_frozen_names is not None and sorted(theirs) != sorted(self._user_frozen_names):
+            rank_zero_warn(
+                f"{_OWNER}: the checkpointed run had {len(theirs)} parameter(s) frozen by you before fit "
+                f"(e.g. {sorted(set(theirs) ^ set(self._user_frozen_names))[:3]} differ), this run has "
+                f"{len(self._user_frozen_names)}. Freeze the same parameters before fit as the checkpointed run "
+                "did, or the resumed run will not continue it."
+            )
+        elif self._user_frozen_names is None:
+            self._user_frozen_names = theirs  # loaded before setup: setup records this run's own
         if self._blocks and state_dict["depth"] is not None:
             # restored before DDP wraps the model: freeze as the checkpointed run was at its last epoch
             self.current_depth = None

@@ -7,13 +7,22 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_transfer.callbacks.base import GradientRegularizer, select_parameters, warn_weight_decay_on
+from lightning_transfer.callbacks.base import (
+    GradientRegularizer,
+    check_one_optimizer_per_parameter,
+    optimizer_param_ids,
+    select_parameters,
+    warn_weight_decay_on,
+)
 from lightning_transfer.functional.fisher import load_fisher, match_fisher
 from lightning_transfer.functional.penalties import NORMS, add_l2sp_grad_, sp_penalty_and_grad
+from lightning_transfer.validation import check_choice, check_number, check_strategy, check_strings
 
 __all__ = ["L2SP"]
 
@@ -27,10 +36,14 @@ class L2SP(GradientRegularizer):
     ``P`` is ``½‖·‖²`` (``norm="l2"``), ``‖·‖₁`` (``"l1"``) or the group lasso (``"group_lasso"``),
     optionally weighted by a diagonal Fisher. The gradient is analytic (no extra backward pass) and
     is added in ``on_before_optimizer_step``: after accumulation and AMP unscaling, before clipping.
-    The result equals putting ``Ω`` in the loss of every micro-batch.
+    The result equals putting ``Ω`` in the loss of every micro-batch, also on a last accumulation window
+    shorter than ``accumulate_grad_batches`` (``r`` is scaled like the task gradient there) and with
+    several optimizers (each optimizer's step gets ``r`` of its own parameters only).
 
     ``w0`` is an fp32 detached copy of the transferred parameters taken when fit starts (after weights
-    are loaded); it is saved in checkpoints and restored on resume, never re-taken from resumed weights.
+    are loaded); it is saved in checkpoints and restored on resume, never re-taken from resumed weights,
+    even when the resumed run changes L2SP's arguments (e.g. another ``alpha``). Adding L2SP only on
+    resume is an error: the pre-trained anchors are not in the checkpoint.
 
     Args:
         alpha: Strength on the transferred parameters (the authors used 0.1 and, in their PyTorch
@@ -68,16 +81,22 @@ class L2SP(GradientRegularizer):
         fused: bool = False,
     ) -> None:
         super().__init__()
-        if alpha < 0 or beta < 0:
-            raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}.")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
-        if anchor_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"anchor_dtype must be 'float32' or 'bfloat16', got {anchor_dtype!r}.")
+        alpha = check_number("L2SP", "alpha", alpha, minimum=0)
+        beta = check_number("L2SP", "beta", beta, minimum=0)
+        check_choice("L2SP", "norm", norm, NORMS)
+        check_choice("L2SP", "anchor_dtype", anchor_dtype, ("float32", "bfloat16"))
+        for name, flag in (("include_norm_and_bias", include_norm_and_bias), ("decoupled", decoupled), ("fused", fused)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"L2SP: {name} must be True or False, got {flag!r} ({type(flag).__name__}).")
+        for name, text in (("fisher", fisher), ("head", head)):
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"L2SP: {name} must be a string or None, got {text!r} ({type(text).__name__}).")
+        exclude = check_strings("L2SP", "exclude", exclude) if exclude is not None else []
         if fisher is not None and not Path(fisher).is_file():
-            raise FileNotFoundError(f"Fisher file {fisher!r} does not exist. Save one with lightning_transfer.functional.save_fisher.")
+            raise FileNotFoundError(f"L2SP: Fisher file {fisher!r} does not exist. Save one with "
+                                    "lightning_transfer.functional.save_fisher.")
         self.alpha, self.beta, self.norm, self.fisher_path = alpha, beta, norm, fisher
-        self.head, self.exclude = head, list(exclude or [])
+        self.head, self.exclude = head, exclude
         self.include_norm_and_bias, self.decoupled = include_norm_and_bias, decoupled
         self.anchor_dtype = getattr(torch, anchor_dtype)
         self.fused = fused
@@ -107,6 +126,7 @@ class L2SP(GradientRegularizer):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # validate names and the Fisher file before any step
+            check_strategy(trainer, "L2SP")
             self._loaded = None  # a resume restores it after setup; a new fit takes w0 afresh
             transferred, _, _ = select_parameters(pl_module, self.head, self.exclude, self.include_norm_and_bias)
             if self.fisher_path is not None:
@@ -118,10 +138,12 @@ class L2SP(GradientRegularizer):
         self._names = [n for n, _ in transferred]
         self._params = [p for _, p in transferred]
         self._head_params = [p for _, p in head_params]
+        check_one_optimizer_per_parameter(trainer.optimizers, transferred + head_params, "L2SP")
         if self._loaded is not None:  # resume: w0 comes from the checkpoint, never from resumed weights
             missing = [n for n in self._names if n not in self._loaded]
             if missing:
-                raise KeyError(f"L2SP state in the checkpoint lacks w0 for {missing[:5]}; was it saved from another model?")
+                raise KeyError(f"L2SP state in the checkpoint lacks w0 for {missing[:5]}: it was saved from another "
+                               "model, or with fewer anchored parameters (a larger exclude, include_norm_and_bias=False).")
             self._anchors = [self._loaded[n].to(p.device, self.anchor_dtype) for n, p in transferred]
             self._loaded = None
         else:
@@ -132,31 +154,49 @@ class L2SP(GradientRegularizer):
         if not self.decoupled:
             warn_weight_decay_on(trainer, self._params, "L2SP")
 
-    def _active(self) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
-        idx = [i for i, p in enumerate(self._params) if p.requires_grad]
+    def _active(self, ids: set[int] | None) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None, list[Tensor]]:
+        """Trainable (transferred, anchors, Fisher, head) tensors, restricted to the ids of one optimizer."""
+        idx = [i for i, p in enumerate(self._params) if p.requires_grad and (ids is None or id(p) in ids)]
+        head = [p for p in self._head_params if p.requires_grad and (ids is None or id(p) in ids)]
         if len(idx) == len(self._params):
-            return self._params, self._anchors, self._fisher
+            return self._params, self._anchors, self._fisher, head
         fisher = [self._fisher[i] for i in idx] if self._fisher is not None else None
-        return [self._params[i] for i in idx], [self._anchors[i] for i in idx], fisher
+        return [self._params[i] for i in idx], [self._anchors[i] for i in idx], fisher, head
 
-    def _terms(self, compute_value: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """``(params, r, value)`` of the whole penalty: α·P on transferred tensors, β/2·‖·‖² on the head."""
-        params, anchors, fisher = self._active()
-        value, grads = sp_penalty_and_grad(params, anchors, self.alpha, self.norm, fisher, compute_value=compute_value)
+    def _terms(
+        self, compute_value: bool, ids: set[int] | None = None, scale: float = 1.0
+    ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """``(params, scale·r, value)`` of the penalty α·P on transferred tensors + β/2·‖·‖² on the head."""
+        params, anchors, fisher, head = self._active(ids)
+        value, grads = sp_penalty_and_grad(params, anchors, self.alpha * scale, self.norm, fisher,
+                                           compute_value=compute_value)
         params = list(params)
-        head = [p for p in self._head_params if p.requires_grad]
         if self.beta > 0 and head:
-            head_value, head_grads = sp_penalty_and_grad(head, None, self.beta, "l2", compute_value=compute_value)
+            head_value, head_grads = sp_penalty_and_grad(head, None, self.beta * scale, "l2", compute_value=compute_value)
             params, grads = params + head, grads + head_grads
             value = value + head_value if compute_value else None
-        return params, grads, value
+        return params, grads, (value / scale if compute_value else None)
+
+    @staticmethod
+    def _subset_ids(trainer: Trainer, optimizer: Optimizer | None) -> set[int] | None:
+        """Ids of the parameters of ``optimizer`` when there are several optimizers, else ``None`` (all)."""
+        return None if optimizer is None or len(trainer.optimizers) < 2 else optimizer_param_ids(optimizer)
+
+    def _log_penalty(self, pl_module: LightningModule, value: Tensor | None) -> None:
+        """Log the penalty; ``None``: one of several optimizers' parts, so compute the whole penalty."""
+        if value is None:
+            value = self._terms(compute_value=True)[2]
+        pl_module.log(f"{self.prefix}/penalty", value, on_step=True, on_epoch=False)
 
     @override
-    def regularizer_gradients(self, trainer: Trainer, pl_module: LightningModule) -> tuple[list[Tensor], list[Tensor]]:
+    def regularizer_gradients(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        ids = self._subset_ids(trainer, optimizer)
         log_now = self._log_now(trainer)
-        params, grads, value = self._terms(compute_value=log_now)
+        params, grads, value = self._terms(log_now and ids is None, ids, self.window_scale(trainer))
         if log_now:
-            pl_module.log(f"{self.prefix}/penalty", value, on_step=True, on_epoch=False)
+            self._log_penalty(pl_module, value)
         return params, grads
 
     def _log_now(self, trainer: Trainer) -> bool:
@@ -168,38 +208,73 @@ class L2SP(GradientRegularizer):
         if self.is_deferred(trainer):
             return
         if not self.decoupled and self.norm == "l2" and self._fisher is None:  # fused in-place fast path
-            params, anchors, _ = self._active()
-            params = list(params)
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            ids = self._subset_ids(trainer, optimizer)
+            params, anchors, _, head = self._active(ids)
+            scale = self.window_scale(trainer)
             log_now = self._log_now(trainer)
-            value = add_l2sp_grad_([p.grad for p in params], params, anchors, self.alpha, log_now, self._workspace,
-                                   compiled=self.fused)
-            head = [p for p in self._head_params if p.requires_grad]
-            if self.beta > 0 and head:
-                for p in head:
+            with_value = log_now and ids is None
+            value = None
+            for ps, w0, strength in ((list(params), anchors, self.alpha), (head if self.beta > 0 else [], None, self.beta)):
+                if not ps:
+                    continue
+                for p in ps:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                head_value = add_l2sp_grad_([p.grad for p in head], head, None, self.beta, log_now, self._workspace)
-                value = head_value if value is None else value + head_value
-            if log_now and value is not None:
-                pl_module.log(f"{self.prefix}/penalty", value, on_step=True, on_epoch=False)
+                # the compiled kernel specializes on the strength: a partial window (scale < 1) runs eager
+                part = add_l2sp_grad_([p.grad for p in ps], ps, w0, strength * scale, with_value, self._workspace,
+                                      compiled=self.fused and scale == 1.0)
+                if part is not None:
+                    value = part / scale if value is None else value + part / scale
+            if log_now:
+                self._log_penalty(pl_module, value)
             return
         if not self.decoupled:
             return super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        with torch.no_grad():
+        single, log_now = len(trainer.optimizers) < 2, self._log_now(trainer)
+        with torch.no_grad():  # decoupled: restricted to this optimizer's parameters through their lr
             lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-            params, pulls, value = self._terms(compute_value=True)
+            params, pulls, value = self._terms(compute_value=log_now and single, ids=set(lr_of))
             by_lr: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
             for p, r in zip(params, pulls):
-                if id(p) in lr_of:
-                    ps, rs = by_lr.setdefault(lr_of[id(p)], ([], []))
-                    ps.append(p)
-                    rs.append(r)
+                ps, rs = by_lr.setdefault(lr_of[id(p)], ([], []))
+                ps.append(p)
+                rs.append(r)
             for lr, (ps, rs) in by_lr.items():
                 torch._foreach_add_(ps, rs, alpha=-lr)
-        pl_module.log(f"{self.prefix}/penalty", value, on_step=True, on_epoch=False)
+        if log_now:
+            self._log_penalty(pl_module, value)
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Keep the pre-trained anchors when a resume changes L2SP's arguments (hence its ``state_key``).
+
+        Lightning restores callback state by ``state_key``, which holds ``alpha``, ``head``, ...: without
+        this, a resume with another ``alpha`` would find no state and re-anchor on the resumed weights.
+        """
+        states = checkpoint.get("callbacks") or {}
+        if trainer.state.fn != TrainerFn.FITTING or self.state_key in states:
+            return  # Lightning hands our own state to load_state_dict
+        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, L2SP) and cb is not self}
+        candidates = {k: v for k, v in states.items()
+                      if k.startswith("L2SP{") and k not in claimed and isinstance(v, dict) and "anchors" in v}
+        if len(candidates) == 1:
+            (key, state), = candidates.items()
+            rank_zero_info(f"L2SP: arguments changed since the checkpoint (saved as {key}, now {self.state_key}); "
+                           "keeping its pre-trained anchors w0.")
+            self.load_state_dict(state)
+            return
+        if candidates:
+            raise ValueError(
+                f"L2SP {self.state_key} finds no state of its own in the checkpoint, and several L2SP states that "
+                f"could be its: {sorted(candidates)}. Resume with the arguments of one of them (they name the "
+                "state), or start a new fit without ckpt_path."
+            )
+        raise ValueError(
+            "L2SP was not in the run that saved this checkpoint, so its pre-trained anchors w0 are unknown (the "
+            "resumed weights have already moved). Either resume without L2SP, or load the weights you want to "
+            "anchor on (e.g. LightningModule.load_from_checkpoint) and start a new fit without ckpt_path: L2SP "
+            "anchors on the weights at fit start."
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -11,23 +12,44 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_transfer.anatomy import final_linear, find_head
+from lightning_transfer.batches import batch_labels, train_loader_of
 from lightning_transfer.functional.head_init import zero_head_
+from lightning_transfer.validation import check_choice, check_int, check_optional_str, check_strategy
 
-__all__ = ["MaxEntropyHeadInit"]
+__all__ = ["MaxEntropyHeadInit", "class_counts_of"]
+
+_OWNER = "MaxEntropyHeadInit"
 
 
 def class_counts_of(trainer: Trainer, num_classes: int) -> list[int]:
-    """Count labels of the training data: a ``targets`` attribute when the dataset has one, else batches."""
-    source = trainer.datamodule if trainer.datamodule is not None else trainer.lightning_module
-    loader = source.train_dataloader()
-    dataset = getattr(loader, "dataset", None)
-    targets = getattr(dataset, "targets", None)
+    """Count the labels of the training data that fit uses (loaders passed to ``fit``, DataModule, module hook).
+
+    Reads ``loader.dataset.targets`` when the dataset has it (torchvision), else iterates the batches
+    (``(x, y)`` tuples or dicts with ``labels``). Negative labels (``ignore_index``, e.g. -100) are skipped.
+    """
+    way_out = "pass class_counts=[...] or use bias='zero'"
+    loader = train_loader_of(trainer)
+    if loader is None:
+        raise ValueError(f"MaxEntropyHeadInit(bias='log_prior') counts classes in the training data, and this fit has no "
+                         f"training loader; {way_out}.")
+    if isinstance(loader, (Mapping, list, tuple)):
+        raise ValueError("MaxEntropyHeadInit(bias='log_prior') cannot tell which of several training loaders holds the "
+                         f"labels; {way_out}.")
+    targets = getattr(getattr(loader, "dataset", None), "targets", None)
     if targets is None:
-        targets = torch.cat([torch.as_tensor(batch[1]).flatten() for batch in loader])
-    counts = torch.bincount(torch.as_tensor(targets).long().flatten(), minlength=num_classes)
+        targets = torch.cat([batch_labels(batch).flatten() for batch in loader])
+    labels = torch.as_tensor(targets).flatten()
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"MaxEntropyHeadInit(bias='log_prior') needs integer class labels, got {labels.dtype} labels "
+                         f"(one-hot or multi-label?); {way_out}.")
+    labels = labels[labels >= 0].long()
+    if labels.numel() and int(labels.max()) >= num_classes:
+        raise ValueError(f"The training labels go up to {int(labels.max())} but the head has {num_classes} outputs; "
+                         f"check the head or {way_out}.")
+    counts = torch.bincount(labels, minlength=num_classes)
     if (counts == 0).any():
         raise ValueError(f"Class(es) {torch.nonzero(counts == 0).flatten().tolist()} have no training example; "
-                         "pass class_counts or use bias='zero'.")
+                         f"{way_out}.")
     return counts.tolist()
 
 
@@ -44,7 +66,9 @@ class MaxEntropyHeadInit(Callback):
         head: Dotted name of the head; auto-detected by default.
         bias: ``"zero"`` (maximum entropy) or ``"log_prior"`` (log class frequencies: keeps the step-1
             stall but not the maximum entropy).
-        class_counts: Class counts for ``"log_prior"``; counted from the training data when omitted.
+        class_counts: Class counts for ``"log_prior"`` (positive integers, one per output); counted from
+            the training loader that fit uses (loaders passed to ``fit``, DataModule or module hook) when
+            omitted, from ``dataset.targets`` or else by iterating its batches (tuples or dicts).
 
     Example::
 
@@ -57,17 +81,23 @@ class MaxEntropyHeadInit(Callback):
         bias: Literal["zero", "log_prior"] = "zero",
         class_counts: list[int] | None = None,
     ) -> None:
-        if bias not in ("zero", "log_prior"):
-            raise ValueError(f"bias must be 'zero' or 'log_prior', got {bias!r}.")
-        if class_counts is not None and (len(class_counts) < 1 or min(class_counts) <= 0):
-            raise ValueError(f"class_counts must be positive counts, got {class_counts}.")
-        self.head, self.bias, self.class_counts = head, bias, class_counts
+        self.head = check_optional_str(_OWNER, "head", head)
+        self.bias = check_choice(_OWNER, "bias", bias, ("zero", "log_prior"))
+        if class_counts is not None:
+            if isinstance(class_counts, (str, Mapping)) or not isinstance(class_counts, Sequence):
+                raise TypeError(f"{_OWNER}: class_counts must be a list of positive integers or None, "
+                                f"got {class_counts!r} ({type(class_counts).__name__}).")
+            if not class_counts:
+                raise ValueError(f"{_OWNER}: class_counts must not be empty; pass None to count the training labels.")
+            class_counts = [check_int(_OWNER, "class_counts entries", c, minimum=1) for c in class_counts]
+        self.class_counts = class_counts
         self.applied = False
         self._entropy: float | None = None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
+            check_strategy(trainer, _OWNER)
             find_head(pl_module, self.head)  # unknown names fail here, before any step
             self.applied = False  # a new fit (a resume restores True after setup)
 

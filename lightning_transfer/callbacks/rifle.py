@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -12,8 +13,11 @@ from typing_extensions import override
 
 from lightning_transfer.anatomy import final_linear, find_head
 from lightning_transfer.functional.head_init import reinitialize_, zero_head_
+from lightning_transfer.validation import check_choice, check_int, check_optional_str, check_strategy
 
 __all__ = ["RIFLE", "reinit_points"]
+
+_OWNER = "RIFLE"
 
 
 def reinit_points(total: int, num_reinits: int, min_after: int) -> list[int]:
@@ -58,7 +62,8 @@ class RIFLE(Callback):
         reset_optimizer_state: Clear the head's optimizer state (``False`` reproduces the authors' code).
         init: ``"random"`` (the head's own ``reset_parameters``) or ``"zero"`` (MEI-style).
         head: Dotted name of the head; auto-detected by default.
-        seed: Base seed of the draws; by default taken from ``torch.initial_seed()`` on rank 0.
+        seed: Base seed of the draws (an integer >= 0); by default taken from ``torch.initial_seed()`` on
+            rank 0.
 
     Example::
 
@@ -76,15 +81,26 @@ class RIFLE(Callback):
         head: str | None = None,
         seed: int | None = None,
     ) -> None:
-        if interval not in ("epoch", "step"):
-            raise ValueError(f"interval must be 'epoch' or 'step', got {interval!r}.")
-        if init not in ("random", "zero"):
-            raise ValueError(f"init must be 'random' or 'zero', got {init!r}.")
-        if num_reinits < 1 and points is None:
-            raise ValueError(f"num_reinits must be at least 1, got {num_reinits}.")
-        if points is not None and (not points or min(points) < 1):
-            raise ValueError(f"points must be positive epoch/step indices, got {points}.")
-        self.num_reinits, self.points, self.interval = num_reinits, sorted(points) if points else None, interval
+        num_reinits = check_int(_OWNER, "num_reinits", num_reinits, minimum=1)
+        if points is not None:
+            if isinstance(points, (str, Mapping)) or not isinstance(points, Sequence):
+                raise TypeError(f"{_OWNER}: points must be a list of epoch/step indices or None, "
+                                f"got {points!r} ({type(points).__name__}).")
+            if not points:
+                raise ValueError(f"{_OWNER}: points must not be empty; pass None to use num_reinits.")
+            points = sorted(check_int(_OWNER, "points entries", p, minimum=1) for p in points)
+            if len(set(points)) != len(points):
+                raise ValueError(f"{_OWNER}: points must be distinct, got {points}.")
+        interval = check_choice(_OWNER, "interval", interval, ("epoch", "step"))
+        if min_epochs_after is not None:
+            min_epochs_after = check_int(_OWNER, "min_epochs_after", min_epochs_after, minimum=0)
+        if not isinstance(reset_optimizer_state, bool):
+            raise TypeError(f"{_OWNER}: reset_optimizer_state must be True or False, got {reset_optimizer_state!r}.")
+        init = check_choice(_OWNER, "init", init, ("random", "zero"))
+        head = check_optional_str(_OWNER, "head", head)
+        if seed is not None:
+            seed = check_int(_OWNER, "seed", seed, minimum=0)
+        self.num_reinits, self.points, self.interval = num_reinits, points, interval
         self.min_epochs_after, self.reset_optimizer_state, self.init = min_epochs_after, reset_optimizer_state, init
         self.head, self.seed = head, seed
         self.schedule: list[int] = []
@@ -96,6 +112,7 @@ class RIFLE(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, _OWNER)
         find_head(pl_module, self.head)
         self.done = []  # a new fit (a resume restores its re-inits after setup)
         if self.interval == "epoch":

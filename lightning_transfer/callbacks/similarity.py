@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_transfer.anatomy import BlockGroup, list_blocks
-from lightning_transfer.functional.similarity import linear_cka, neighbourhood_overlap
+from lightning_transfer.batches import batch_inputs, batch_size_of, call_model, slice_inputs, val_loader_of
+from lightning_transfer.functional.similarity import block_features, linear_cka, neighbourhood_overlap
+from lightning_transfer.validation import (
+    check_choice,
+    check_int,
+    check_optional_str,
+    check_strategy,
+    check_strings,
+)
 
 __all__ = ["RepresentationSimilarity", "save_heatmap"]
+
+_OWNER = "RepresentationSimilarity"
 
 
 def _output_module(block: nn.Module) -> nn.Module:
@@ -23,19 +34,44 @@ def _output_module(block: nn.Module) -> nn.Module:
     return block.members[-1] if isinstance(block, BlockGroup) and len(block.members) else block
 
 
+def _block_tensor(output: Any, name: str) -> Tensor:
+    """The hidden states in a block's output: the tensor, else the first tensor of a tuple or ModelOutput."""
+    if isinstance(output, Tensor):
+        return output
+    values = list(output.values()) if isinstance(output, Mapping) else list(output) if isinstance(output, (tuple, list)) else []
+    for value in values:
+        if isinstance(value, (Tensor, Mapping, tuple, list)):
+            try:
+                return _block_tensor(value, name)
+            except TypeError:
+                continue
+    raise TypeError(f"{_OWNER}: block {name!r} returns a {type(output).__name__} holding no tensor; "
+                    "pass blocks= whose modules return hidden states.")
+
+
 class RepresentationSimilarity(Callback):
     """Linear CKA (and optionally neighbourhood overlap) of each block's output with the pre-trained model.
 
-    At fit start a frozen copy of the model and a fixed probe batch (the first ``probe_size`` validation
-    inputs) are kept. At every validation epoch end both models run on the probe, and one value per block
-    is logged as ``cka/<block>`` (``overlap/<block>``). The history is kept and, with ``heatmap``, saved
-    as a blocks × epochs PNG when fit ends (needs matplotlib).
+    At fit start a frozen copy of the model and a fixed probe (the first ``probe_size`` inputs of the
+    validation loader that fit uses: loaders passed to ``trainer.fit``, the DataModule's or the module's
+    ``val_dataloader``; the first one when there are several) are kept. At every validation epoch end
+    both models run on the probe, batch by batch, and one value per block is logged as ``cka/<block>``
+    (``overlap/<block>``). The history is kept and, with ``heatmap``, saved as a blocks × epochs PNG when
+    fit ends (needs matplotlib).
+
+    Batches may be ``(x, y)`` tuples or dicts (Hugging Face: the model is called as ``model(**inputs)``
+    without the labels); blocks may return tensors, tuples or ModelOutputs (the first tensor: hidden
+    states). Block outputs become ``(n, d)`` features by
+    :func:`~lightning_transfer.functional.similarity.block_features`: ``(batch, tokens, hidden)`` outputs
+    are **mean-pooled over tokens** (padding excluded through the batch's ``attention_mask``), since
+    padded tokens carry nothing and batches padded to other lengths must compare; convolutional maps
+    ``(batch, C, H, W)`` are flattened.
 
     Args:
         blocks: Explicit blocks (see :func:`~lightning_transfer.list_blocks`); default: every block.
-        probe_size: Number of validation inputs in the probe.
+        probe_size: Number of validation inputs in the probe (at least 2).
         measures: ``["cka"]``, ``["overlap"]`` or both.
-        k: Neighbours for the overlap.
+        k: Neighbours for the overlap (``1 <= k < probe_size``).
         heatmap: Path of the PNG to write at the end of fit, or ``None``.
 
     Example::
@@ -51,26 +87,35 @@ class RepresentationSimilarity(Callback):
         k: int = 10,
         heatmap: str | None = None,
     ) -> None:
-        measures = list(measures or ["cka"])
-        if not measures or any(m not in ("cka", "overlap") for m in measures):
-            raise ValueError(f"measures must be a non-empty subset of ['cka', 'overlap'], got {measures}.")
-        if probe_size < 2:
-            raise ValueError(f"probe_size must be at least 2, got {probe_size}.")
-        if "overlap" in measures and not 1 <= k < probe_size:
-            raise ValueError(f"k must be in [1, probe_size - 1], got k={k}, probe_size={probe_size}.")
-        self.blocks, self.probe_size, self.measures, self.k, self.heatmap = blocks, probe_size, measures, k, heatmap
+        if blocks is not None:
+            blocks = check_strings(_OWNER, "blocks", blocks, allow_empty=False)
+        probe_size = check_int(_OWNER, "probe_size", probe_size, minimum=2)
+        measures = ["cka"] if measures is None else check_strings(_OWNER, "measures", measures, allow_empty=False)
+        for measure in measures:
+            check_choice(_OWNER, "measures", measure, ("cka", "overlap"))
+        k = check_int(_OWNER, "k", k, minimum=1)
+        if "overlap" in measures and k >= probe_size:
+            raise ValueError(f"{_OWNER}: k must be < probe_size, got k={k}, probe_size={probe_size}.")
+        self.blocks, self.probe_size, self.measures, self.k = blocks, probe_size, list(dict.fromkeys(measures)), k
+        self.heatmap = check_optional_str(_OWNER, "heatmap", heatmap)
         self.history: dict[str, list[float]] = {}
         self.epochs: list[int] = []
         self._reference: nn.Module | None = None
-        self._probe: Tensor | None = None
+        self._probe: list[Any] = []
         self._names: list[str] = []
+        self._outputs: dict[str, str] = {}
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, _OWNER)
         self.history, self.epochs = {}, []  # a new fit (a resume restores them after setup)
-        self._names = [n for n, _ in list_blocks(pl_module, self.blocks)]
+        blocks = list_blocks(pl_module, self.blocks)
+        self._names = [n for n, _ in blocks]
+        # the reference copy is found by these module names (its own heads are frozen: no detection there)
+        where = {id(m): n for n, m in pl_module.named_modules()}
+        self._outputs = {n: where[id(_output_module(b))] for n, b in blocks}
         if self.heatmap is not None:
             try:
                 import matplotlib  # noqa: F401
@@ -79,44 +124,63 @@ class RepresentationSimilarity(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reference = copy.deepcopy(pl_module).eval().requires_grad_(False)
-        source = trainer.datamodule if trainer.datamodule is not None else pl_module
-        inputs, count = [], 0
-        for batch in source.val_dataloader():  # the raw loader: the same probe on every DDP rank
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            inputs.append(x)
-            count += len(x)
+        # the loaders of fit are attached before setup; the loops build theirs only after on_fit_start
+        loader = val_loader_of(trainer)  # the raw loader: the same probe on every DDP rank
+        if loader is None:
+            raise ValueError(f"{_OWNER} takes its probe from the validation data of fit, and this fit has none: "
+                             "pass val_dataloaders to trainer.fit(...), or define val_dataloader() in the "
+                             "LightningModule or the DataModule.")
+        self._probe, count = [], 0
+        for batch in loader:
+            inputs = batch_inputs(batch)
+            take = min(batch_size_of(inputs), self.probe_size - count)
+            self._probe.append(move_data_to_device(slice_inputs(inputs, take), pl_module.device))
+            count += take
             if count >= self.probe_size:
                 break
-        if not inputs:
-            raise ValueError("RepresentationSimilarity needs validation data for its probe batch.")
-        self._probe = torch.cat(inputs)[: self.probe_size].to(pl_module.device)
+        needed = self.k + 1 if "overlap" in self.measures else 2
+        if count < needed:
+            raise ValueError(f"{_OWNER} needs at least {needed} validation inputs for its probe, and the validation "
+                             f"loader holds {count}. Use more validation data, or lower k.")
+        self._reference = copy.deepcopy(pl_module).eval().requires_grad_(False)
 
-    def _activations(self, model: nn.Module) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        blocks = dict(list_blocks(model, self.blocks))
+    def _features(self, model: nn.Module) -> dict[str, Tensor]:
+        """Each block's ``(probe_size, d)`` features (see :func:`block_features`)."""
+        parts: dict[str, list[Tensor]] = {name: [] for name in self._names}
+        last: dict[str, Tensor] = {}
         handles = [
-            _output_module(blocks[name]).register_forward_hook(
-                lambda m, i, o, name=name: out.__setitem__(name, (o[0] if isinstance(o, (tuple, list)) else o).detach())
+            model.get_submodule(self._outputs[name]).register_forward_hook(
+                lambda m, i, o, name=name: last.__setitem__(name, _block_tensor(o, name).detach())
             )
             for name in self._names
         ]
         try:
             with torch.no_grad():
-                model(self._probe)
+                for inputs in self._probe:
+                    last.clear()
+                    call_model(model, inputs)
+                    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+                    for name in self._names:
+                        if name not in last:
+                            raise ValueError(f"{_OWNER}: block {name!r} produced no output on the probe (its "
+                                             "module is not called by forward); pass blocks= that forward runs.")
+                        parts[name].append(block_features(last[name], mask).float())
         finally:
             for h in handles:
                 h.remove()
-        return out
+        return {name: torch.cat(p) for name, p in parts.items()}
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or self._reference is None:
             return
-        was_training = pl_module.training
+        modes = [(m, m.training) for m in pl_module.modules()]  # restored module by module (frozen BN stays eval)
         pl_module.eval()
-        live, ref = self._activations(pl_module), self._activations(self._reference)
-        pl_module.train(was_training)
+        try:
+            live, ref = self._features(pl_module), self._features(self._reference)
+        finally:
+            for module, mode in modes:
+                module.training = mode
         self.epochs.append(trainer.current_epoch)
         for name in self._names:
             for measure in self.measures:

@@ -88,29 +88,52 @@ def load_fisher(path: str | Path) -> dict[str, Tensor]:
     return data["fisher"]
 
 
+def _fisher_key(fisher: dict[str, Tensor], name: str) -> str | None:
+    """The entry for parameter ``name``: its own name, else the longest entry ending it at a ``.`` boundary."""
+    if name in fisher:
+        return name
+    fits = [k for k in fisher if name.endswith("." + k)]
+    if not fits:
+        return None
+    longest = max(len(k) for k in fits)
+    best = [k for k in fits if len(k) == longest]
+    if len(best) > 1:
+        raise ValueError(f"Fisher entries {best} fit parameter {name!r} equally well; rename them so one is exact.")
+    return best[0]
+
+
 def match_fisher(fisher: dict[str, Tensor], named_params: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
     """Align Fisher entries to parameters by name.
 
-    A parameter ``backbone.layer1.0.conv1.weight`` matches the entry of the same name or one that ends
-    its name (``layer1.0.conv1.weight``, as estimated on the bare backbone). Missing entries or shape
-    mismatches are errors that name the parameters.
+    A parameter ``backbone.layer1.0.conv1.weight`` gets the entry of the same name, else the LONGEST
+    entry that ends its name at a ``.`` boundary (``layer1.0.conv1.weight``, as estimated on the bare
+    backbone), never a shorter one such as the stem's ``conv1.weight``. The prefix left over must agree:
+    a parameter matched under a longer prefix than others (``backbone.layer1.0.`` + ``bn1.weight`` while
+    the rest is matched under ``backbone.``) means the file lacks its entry, which is an error. Missing
+    entries or shape mismatches are errors that name the parameters.
     """
-    out, missing, wrong = [], [], []
+    out, missing, wrong, keys = [], [], [], {}
     for name, p in named_params:
-        key = name if name in fisher else next((k for k in fisher if name.endswith("." + k)), None)
+        key = _fisher_key(fisher, name)
         if key is None:
             missing.append(name)
             continue
         if fisher[key].shape != p.shape:
             wrong.append(f"{name}: Fisher {tuple(fisher[key].shape)} vs parameter {tuple(p.shape)}")
             continue
+        keys[name] = key
         out.append(fisher[key])
-    if missing or wrong:
+    prefixes = {name[: len(name) - len(key)] for name, key in keys.items()} - {""}
+    stray = [f"{name} got {key!r}" for name, key in keys.items()
+             if any(len(q) < len(name) - len(key) and name.startswith(q) for q in prefixes)]
+    if missing or wrong or stray:
         sample = ", ".join(list(fisher)[:5])
         raise ValueError(
             "The Fisher file does not match the model: "
             + (f"no entry for {len(missing)} parameter(s), e.g. {missing[:3]}; " if missing else "")
             + (f"shape mismatch for {wrong[:3]}; " if wrong else "")
+            + (f"only a shorter entry fits {len(stray)} parameter(s) whose full entry is missing, e.g. {stray[:3]}; "
+               if stray else "")
             + f"the file has entries like {sample}. Estimate it on the same backbone."
         )
     return out

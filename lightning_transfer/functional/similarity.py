@@ -5,11 +5,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["linear_cka", "neighbourhood_overlap"]
+__all__ = ["block_features", "linear_cka", "neighbourhood_overlap"]
 
 
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).double()
+
+
+def block_features(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """A block's output as ``(n, d)`` features for CKA and the overlap.
+
+    * ``(n,)`` and ``(n, d)``: as they are.
+    * ``(n, tokens, hidden)`` (transformers: Hugging Face, timm and torchvision ViT blocks): the mean over
+      tokens, counting only the tokens where ``mask`` (``(n, tokens)``, e.g. the batch's
+      ``attention_mask``) is non-zero. Pooling, not flattening: padding tokens carry nothing, and
+      batches padded to different lengths give the same feature size.
+    * ``(n, C, H, W)`` and higher (convolutional maps, channels first or last): flattened to
+      ``(n, C·H·W)``, as Kornblith et al. do; CKA does not depend on the order of features.
+
+    A ``(n, channels, length)`` Conv1d output is read as tokens too (averaged over dim 1): pass blocks
+    whose outputs are 2-D or 4-D for such models.
+
+    Example::
+
+        >>> h = torch.randn(4, 7, 16)
+        >>> block_features(h).shape
+        torch.Size([4, 16])
+    """
+    if x.ndim == 1:
+        return x.reshape(-1, 1)
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:
+        if mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
+            return x.mean(1)
+        weights = (mask != 0).to(x.dtype).unsqueeze(-1)
+        return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+    return x.reshape(x.shape[0], -1)
 
 
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:

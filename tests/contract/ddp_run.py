@@ -12,7 +12,7 @@ from tests.helpers import TinyClassifier, quiet_trainer  # noqa: E402
 
 if __name__ == "__main__":
     name, out = sys.argv[1], Path(sys.argv[2])
-    model = TinyClassifier(batch_size=8)
+    model = TinyClassifier(batch_size=8, **REGISTRY[name].module)
     trainer = quiet_trainer(max_epochs=REGISTRY[name].max_epochs, accelerator="cpu", devices=2, strategy="ddp",
                             callbacks=REGISTRY[name].make(Model()), deterministic=False, **REGISTRY[name].trainer)
     trainer.fit(model)

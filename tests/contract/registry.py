@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback
 
 from lightning_transfer import (
@@ -17,6 +20,7 @@ from lightning_transfer import (
     MaxEntropyHeadInit,
     RepresentationSimilarity,
 )
+from tests.helpers import TinyClassifier
 
 
 @dataclass
@@ -36,6 +40,11 @@ class Entry:
     stateful: bool = True
     two_instances: bool = False
     trainer: dict = field(default_factory=dict)  # extra Trainer arguments the callback needs
+    module: dict = field(default_factory=dict)  # extra TinyClassifier arguments (e.g. layer_decay)
+    transitions: list[int] = field(default_factory=list)  # epochs at whose start the callbacks change something
+    # An independent reference: (module kwargs, callbacks) whose run must equal the entry's run, e.g. the
+    # regularizer replaced by its penalty in the loss, differentiated by autograd.
+    reference: Callable[[], tuple[dict, list[Callback]]] | None = None
 
 
 def _l2sp(m: Model) -> list[Callback]:
@@ -106,3 +115,117 @@ REGISTRY: dict[str, Entry] = {
         trainer={"limit_val_batches": 2},
     ),
 }
+
+
+def l2sp_in_loss(alpha: float, beta: float, head: str = "head") -> Callable:
+    """``α/2·‖w − w0‖²`` on every non-head parameter and ``β/2·‖w‖²`` on the head, added to the loss.
+
+    ``w0`` is taken at the first training step, before any update: the weights at fit start.
+    """
+    anchors: dict[str, torch.Tensor] = {}
+
+    def extra_loss(module):
+        named = dict(module.named_parameters())
+        if not anchors:
+            anchors.update({n: p.detach().clone() for n, p in named.items()})
+        total = 0.0
+        for n, p in named.items():
+            total = total + (beta / 2 * p.square().sum() if n.startswith(head + ".")
+                             else alpha / 2 * (p - anchors[n]).square().sum())
+        return total
+
+    return extra_loss
+
+
+class FeaturePenaltyInLoss(TinyClassifier):
+    """TinyClassifier whose loss includes DELTA's penalty ``α/2·Σ_layers mean_batch ‖F − F0‖²`` itself.
+
+    ``F0`` comes from an eval-mode copy of the backbone taken at the first training step (the weights at
+    fit start), run on the same inputs: an independent implementation of FeatureMapRegularization.
+    """
+
+    def __init__(self, layers: tuple[str, ...] = ("backbone.0", "backbone.1"), alpha: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.layers, self.alpha = layers, alpha
+        self._frozen: list[torch.nn.Module] = []  # a list: not registered as a submodule
+
+    def training_step(self, batch, batch_idx):
+        if not self._frozen:
+            self._frozen.append(copy.deepcopy(self.backbone).eval().requires_grad_(False))
+        x, y = batch
+        live, ref = {}, {}
+        hooks = [self.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: live.__setitem__(n, o))
+                 for n in self.layers]
+        hooks += [self._frozen[0].get_submodule(n.split(".", 1)[1]).register_forward_hook(
+            lambda m, a, o, n=n: ref.__setitem__(n, o)) for n in self.layers]
+        logits = self(x)
+        with torch.no_grad():
+            self._frozen[0](x)
+        for h in hooks:
+            h.remove()
+        penalty = sum((live[n] - ref[n]).square().flatten(1).sum(1).mean() for n in self.layers)
+        return F.cross_entropy(logits, y) + self.alpha / 2 * penalty
+
+
+# Callback combinations that the README recommends or permits. Each runs every contract test above
+# (resume, DDP, precision, accumulation, clipping, state, CLI) plus a resume at each of its transitions
+# and, where one exists, a comparison with an independent reference.
+COMBINATIONS: dict[str, Entry] = {
+    "L2SP+FreezeSchedule": Entry(
+        make=lambda m: [L2SP(alpha=1.0, beta=0.1, head=m.head), FreezeSchedule(milestones={0: 2, 2: 1}, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.5}},
+              {"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"depth": 1}}],
+        transitions=[2],
+        reference=lambda: ({"extra_loss": l2sp_in_loss(1.0, 0.1)}, [FreezeSchedule(milestones={0: 2, 2: 1})]),
+    ),
+    "DELTA+LP-FT": Entry(
+        make=lambda m: [FeatureMapRegularization(list(m.layers), alpha=1.0), FreezeSchedule.lp_ft(probe_epochs=2)],
+        yaml=[{"class_path": "lightning_transfer.FeatureMapRegularization", "init_args": {"layers": ["backbone.1"]}},
+              {"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"milestones": {0: "all", 2: 0}}}],
+        transitions=[2],
+        reference=lambda: ({"cls": FeaturePenaltyInLoss}, [FreezeSchedule.lp_ft(probe_epochs=2)]),
+    ),
+    "DTNH+DELTA+gradual": Entry(
+        make=lambda m: [FeatureMapRegularization(list(m.layers), alpha=1.0), DTNH(), FreezeSchedule.gradual(every=1)],
+        yaml=[{"class_path": "lightning_transfer.FeatureMapRegularization", "init_args": {"layers": ["backbone.0"]}},
+              {"class_path": "lightning_transfer.DTNH"},
+              {"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"depth": "all", "unfreeze_every": 1}}],
+        transitions=[1, 2],
+    ),
+    "DTNH+L2SP+LP-FT": Entry(
+        make=lambda m: [DTNH(), L2SP(alpha=1.0, beta=0.1, head=m.head), FreezeSchedule.lp_ft(probe_epochs=1, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.DTNH"}, {"class_path": "lightning_transfer.L2SP"},
+              {"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"milestones": {0: "all", 1: 0}}}],
+        transitions=[1],
+    ),
+    "MEI+RIFLE": Entry(
+        make=lambda m: [MaxEntropyHeadInit(head=m.head), RIFLE(points=[2], min_epochs_after=1, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.MaxEntropyHeadInit"},
+              {"class_path": "lightning_transfer.RIFLE", "init_args": {"num_reinits": 1, "min_epochs_after": 1}}],
+        transitions=[2],
+    ),
+    "RIFLE+FreezeSchedule": Entry(
+        make=lambda m: [RIFLE(points=[2], min_epochs_after=1, head=m.head),
+                        FreezeSchedule(milestones={0: 2, 1: 1, 3: 0}, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.RIFLE", "init_args": {"num_reinits": 1, "min_epochs_after": 1}},
+              {"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"milestones": {0: 1, 1: 0}}}],
+        transitions=[1, 2, 3],
+    ),
+    "L2SP+layer_decay": Entry(
+        make=lambda m: [L2SP(alpha=1.0, beta=0.1, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.1}}],
+        module={"layer_decay": 0.5},
+        reference=lambda: ({"layer_decay": 0.5, "extra_loss": l2sp_in_loss(1.0, 0.1)}, []),
+    ),
+    "FreezeSchedule+RepresentationSimilarity": Entry(
+        make=lambda m: [FreezeSchedule(milestones={0: 2, 2: 0}, head=m.head),
+                        RepresentationSimilarity(probe_size=16, measures=["cka", "overlap"], k=3)],
+        yaml=[{"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"depth": 1}},
+              {"class_path": "lightning_transfer.RepresentationSimilarity", "init_args": {"probe_size": 16}}],
+        transitions=[2],
+        trainer={"limit_val_batches": 2},
+    ),
+}
+
+SINGLE = list(REGISTRY)
+REGISTRY.update(COMBINATIONS)

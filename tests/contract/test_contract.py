@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_transfer import DTNH, L2SP
 from lightning_transfer.cli import build_cli
-from tests.contract.registry import REGISTRY, Model
+from tests.contract.registry import COMBINATIONS, REGISTRY, SINGLE, Model
 from tests.helpers import (
     ACCELERATOR,
     ImageModule,
@@ -27,6 +27,11 @@ from tests.helpers import (
 )
 
 NAMES = list(REGISTRY)
+
+
+def _model(name, **kwargs):
+    """The entry's TinyClassifier (with its extra module arguments, e.g. layer decay)."""
+    return TinyClassifier(**{**REGISTRY[name].module, **kwargs})
 
 
 class StopAfter(Callback):
@@ -44,15 +49,15 @@ class StopAfter(Callback):
 def test_resume_equals_uninterrupted(name, tmp_path):
     epochs = REGISTRY[name].max_epochs
     extra = REGISTRY[name].trainer
-    full = TinyClassifier(batch_size=8)
+    full = _model(name, batch_size=8)
     quiet_trainer(max_epochs=epochs, callbacks=REGISTRY[name].make(Model()), **extra).fit(full)
 
-    first = TinyClassifier(batch_size=8)
+    first = _model(name, batch_size=8)
     t1 = quiet_trainer(max_epochs=epochs, callbacks=[*REGISTRY[name].make(Model()), StopAfter(epochs // 2)],
                        default_root_dir=tmp_path, enable_checkpointing=True, **extra)
     t1.fit(first)
     ckpt = t1.checkpoint_callback.best_model_path
-    resumed = TinyClassifier(batch_size=8, seed=123)  # different init: everything must come from the checkpoint
+    resumed = _model(name, batch_size=8, seed=123)  # different init: everything must come from the checkpoint
     quiet_trainer(max_epochs=epochs, callbacks=REGISTRY[name].make(Model()), **extra).fit(resumed, ckpt_path=ckpt)
     assert_params_close(params_of(resumed), params_of(full), rtol=1e-5, atol=1e-6)
 
@@ -65,7 +70,7 @@ def test_ddp_ranks_stay_identical(name, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert_params_close(ranks[0], ranks[1], rtol=0, atol=0)
-    start = params_of(TinyClassifier())
+    start = params_of(_model(name))
     assert any(not torch.equal(start[k], ranks[0][k]) for k in start)
 
 
@@ -78,7 +83,7 @@ def _run(name, model, batches=1, **kw):
 
 
 def _update(name, precision=None, plugins=None):
-    model = TinyClassifier(batch_size=16, lr=0.02)
+    model = _model(name, batch_size=16, lr=0.02)
     start = params_of(model)
     kw = {"plugins": plugins} if plugins else {"precision": precision or "32-true"}
     _run(name, model, **kw)
@@ -112,7 +117,7 @@ def test_gradscaler_unscales_before_the_callback(name):
 def test_accumulation_equals_full_batch(name):
     ends = []
     for batch, acc in ((16, 1), (8, 2)):
-        model = TinyClassifier(batch_size=batch, norm=False)  # no BatchNorm: batch statistics would differ
+        model = _model(name, batch_size=batch, norm=False)  # no BatchNorm: batch statistics would differ
         _run(name, model, batches=acc, accumulate_grad_batches=acc)
         ends.append(params_of(model))
     assert_params_close(ends[1], ends[0], rtol=1e-4, atol=1e-6)
@@ -153,7 +158,7 @@ def _states_equal(a, b):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trip(name):
-    trainer = _run(name, TinyClassifier())
+    trainer = _run(name, _model(name))
     callbacks = [cb for cb in trainer.callbacks if type(cb).__module__.startswith("lightning_transfer")]
     for cb in callbacks:
         state = cb.state_dict()
@@ -257,7 +262,7 @@ ARCHS = _architectures()
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SINGLE)
 def test_works_across_architectures(name, arch):
     make_net, info = ARCHS[arch]
     module = ImageModule(make_net())
@@ -285,7 +290,7 @@ def test_an_instance_reused_for_a_second_fit_acts_like_a_new_one(name):
 
 
 def _fit_with(name, callbacks):
-    model = TinyClassifier(batch_size=16)
+    model = _model(name, batch_size=16)
     quiet_trainer(max_epochs=REGISTRY[name].max_epochs, limit_train_batches=2, callbacks=callbacks,
                   **REGISTRY[name].trainer).fit(model)
     return params_of(model)
@@ -298,3 +303,40 @@ def test_regularizer_reused_without_dtnh_adds_its_gradient_again():
     quiet_trainer(max_steps=3, callbacks=[l2sp]).fit(alone)
     quiet_trainer(max_steps=3, callbacks=[L2SP(alpha=5.0)]).fit(fresh)
     assert_params_close(params_of(alone), params_of(fresh), rtol=0, atol=0)
+
+
+RESUME_POINTS = [(name, epoch) for name in COMBINATIONS for t in COMBINATIONS[name].transitions
+                 for epoch in (t - 1, t) if 0 <= epoch < COMBINATIONS[name].max_epochs - 1]
+
+
+@pytest.mark.parametrize("name,epoch", sorted(set(RESUME_POINTS)))
+def test_combination_resume_at_each_transition(name, epoch, tmp_path):
+    """Resume from the checkpoint written at the end of ``epoch`` (just before or just after a transition):
+    the run must end exactly where the uninterrupted run ends."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    entry = REGISTRY[name]
+    full = _model(name, batch_size=16, n=48)  # 3 batches per epoch
+    every = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    quiet_trainer(max_epochs=entry.max_epochs, callbacks=[*entry.make(Model()), every], enable_checkpointing=True,
+                  **entry.trainer).fit(full)
+    resumed = _model(name, batch_size=16, n=48, seed=123)  # another init: everything must come from the checkpoint
+    quiet_trainer(max_epochs=entry.max_epochs, callbacks=entry.make(Model()), **entry.trainer).fit(
+        resumed, ckpt_path=tmp_path / f"epoch={epoch}.ckpt")
+    assert_params_close(params_of(resumed), params_of(full), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])  # 2 with 3 batches per epoch: a partial last window
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].reference is not None])
+def test_combination_equals_its_independent_reference(name, accumulate):
+    """The regularizer's gradient, combined with a schedule, equals its penalty put in the loss."""
+    entry = REGISTRY[name]
+    kwargs, ref_callbacks = entry.reference()
+    cls = kwargs.pop("cls", TinyClassifier)
+    runs = []
+    for model, callbacks in ((_model(name, batch_size=16, n=48), entry.make(Model())),
+                             (cls(batch_size=16, n=48, **kwargs), ref_callbacks)):
+        quiet_trainer(max_epochs=entry.max_epochs, callbacks=callbacks, accumulate_grad_batches=accumulate,
+                      **entry.trainer).fit(model)
+        runs.append(params_of(model))
+    assert_params_close(runs[0], runs[1], rtol=1e-4, atol=1e-6)
