@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -36,6 +38,23 @@ def _callbacks_of(path: str) -> list[Any] | None:
     return callbacks if isinstance(callbacks, list) else [callbacks]
 
 
+def _identity(entry: Any) -> str:
+    """A callback entry with its defaults filled in, so that ``{alpha: 0.01}`` and ``{alpha: 0.01, norm: l2}``
+    of the same class compare equal."""
+    if isinstance(entry, str):
+        entry = {"class_path": entry}
+    if not isinstance(entry, dict) or "class_path" not in entry:
+        return json.dumps(entry, sort_keys=True, default=str)
+    args = dict(entry.get("init_args") or {})
+    try:
+        module, _, name = entry["class_path"].rpartition(".")
+        signature = inspect.signature(getattr(importlib.import_module(module), name))
+        args = {**{k: p.default for k, p in signature.parameters.items() if p.default is not p.empty}, **args}
+    except (ImportError, AttributeError, ValueError, TypeError):
+        pass  # jsonargparse reports an unknown class itself
+    return json.dumps({"class_path": entry["class_path"], "init_args": args}, sort_keys=True, default=str)
+
+
 def compose_callbacks(args: Sequence[str]) -> list[str]:
     """Make stacked ``--config`` files add up their ``trainer.callbacks`` instead of replacing them.
 
@@ -57,16 +76,17 @@ def compose_callbacks(args: Sequence[str]) -> list[str]:
     if len(sources) < 2:
         return args
     merged: list[Any] = []
-    origin: list[str] = []
+    seen: dict[str, str] = {}
     for _, path, callbacks in sources:
         for cb in callbacks:
-            if cb in merged:
+            key = _identity(cb)
+            if key in seen:
                 raise ValueError(
-                    f"Config files {origin[merged.index(cb)]} and {path} both add {cb}. Stacked configs add up their "
+                    f"Config files {seen[key]} and {path} both add {cb}. Stacked configs add up their "
                     "trainer.callbacks, so it would apply twice: remove it from one of the files."
                 )
             merged.append(cb)
-            origin.append(path)
+            seen[key] = path
     names = ", ".join(f"{Path(p).name}: {len(c)}" for _, p, c in sources)
     rank_zero_info(f"lightning-transfer: trainer.callbacks composed from the stacked configs ({names}).")
     last = sources[-1][0]

@@ -104,24 +104,46 @@ def check_optional_str(owner: str, name: str, value: Any) -> str | None:
 
 # Strategies whose parameters are the model's own tensors, replicated on every rank.
 _REPLICATED = ("SingleDeviceStrategy", "DDPStrategy", "SingleDeviceXLAStrategy", "XLAStrategy")
-_SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+_FSDP2 = "ModelParallelStrategy"  # FSDP2 (fully_shard): DTensor parameters sharded on dim 0
+_UNSUPPORTED = {
+    "FSDPStrategy": "FSDP1 (FSDPStrategy) needs a GPU and has not been verified with this library; use "
+                    "ModelParallelStrategy with fully_shard in configure_model (FSDP2), or DDP",
+    "DeepSpeedStrategy": "DeepSpeed keeps parameters and gradients in its own flat partitioned buffers, which "
+                         "the library's anchors, projections and re-initializations cannot address; use "
+                         "ModelParallelStrategy with fully_shard in configure_model (FSDP2), or DDP",
+}
 
 
-def check_strategy(trainer: Trainer, owner: str) -> None:
+def check_strategy(trainer: Trainer, owner: str, sharded: bool = False, reason: str | None = None) -> None:
     """Reject the strategies a callback is not proven correct under, at setup, with the way out.
 
     Single-device and DDP strategies are supported by every callback (the contract suite runs them).
-    Sharded strategies (FSDP, FSDP2 through ``ModelParallelStrategy``, DeepSpeed) split parameters and
-    gradients across ranks: anchors, reference copies, norms and random re-initializations then need
-    sharded counterparts that are not built yet, so the callback refuses instead of training wrong.
+    ``ModelParallelStrategy`` (FSDP2, ``fully_shard``) is accepted when the callback passes
+    ``sharded=True`` (it works on local shards, tested against single-process runs); otherwise the
+    error names ``reason`` (what the callback would need under sharding). FSDP1 and DeepSpeed are
+    rejected for every callback, with the same error.
+
+    Args:
+        trainer: The Trainer being set up (only ``trainer.strategy`` is read).
+        owner: The callback's name, for the message.
+        sharded: Whether ``owner`` supports FSDP2 through ``ModelParallelStrategy``.
+        reason: Why ``owner`` does not (when ``sharded=False``).
     """
     names = [cls.__name__ for cls in type(trainer.strategy).__mro__]
+    for kind, why in _UNSUPPORTED.items():  # first: DeepSpeedStrategy subclasses DDPStrategy
+        if kind in names:
+            raise ValueError(f"{owner} does not support {kind}: {why}.")
     if any(n in _REPLICATED for n in names):
         return
-    kind = next((n for n in names if n in _SHARDED), type(trainer.strategy).__name__)
+    if _FSDP2 in names:
+        if sharded:
+            return
+        raise ValueError(
+            f"{owner} does not support sharded training (ModelParallelStrategy / FSDP2): "
+            f"{reason or 'its state is not sharded'}. Use a single device or DDP (Trainer(strategy='ddp')) "
+            f"with {owner}."
+        )
     raise ValueError(
-        f"{owner} does not support {kind} yet: under sharded training each rank holds a shard of every "
-        f"parameter and gradient, and {owner}'s state (anchors, reference copies, norms, re-initialized "
-        "heads) is not sharded, so it would crash or train silently wrong. Use a single device or "
-        "DDP (Trainer(strategy='ddp')) with this callback."
+        f"{owner} does not support {type(trainer.strategy).__name__}: only single-device, DDP and "
+        "ModelParallelStrategy (FSDP2) strategies are tested. Use one of those."
     )

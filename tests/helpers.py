@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -77,6 +77,17 @@ class TinyClassifier(LightningModule):
 
     def val_dataloader(self):
         return DataLoader(make_data(32, self.dim, self.classes, seed=1), batch_size=16)
+
+
+class StopAfter(Callback):
+    """Interrupt a run at an epoch boundary (the checkpoint of that epoch is still written)."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
 
 
 # LT_TEST_ACCELERATOR=gpu runs the single-device tests on a GPU (the device machine); CI runs them on CPU.

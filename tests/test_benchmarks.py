@@ -35,3 +35,16 @@ def test_accuracy_controlled_quick(tmp_path):
     for row in ("### close target", "### far target", "| plain |", "| MEI |", "Depth scan (far)"):
         assert row in text, row
     assert (tmp_path / "source_cnn_1ep.pt").is_file()
+
+
+def test_sharded_quick(tmp_path):
+    """2 CPU ranks under FSDP2; a subprocess, because Lightning's launcher re-runs sys.argv."""
+    import subprocess
+
+    out = tmp_path / "sharded.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sharded.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for row in ("| plain |", "| L2SP |", "| L2SP+DTNH |"):
+        assert row in text, row

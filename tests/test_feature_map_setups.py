@@ -8,24 +8,15 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_transfer import DTNH, FeatureMapRegularization, FreezeSchedule
 from lightning_transfer.functional.feature_maps import channel_attention, resolve_channel_dim
-from tests.helpers import TinyClassifier, assert_params_close, params_of, quiet_trainer
+from tests.helpers import StopAfter, TinyClassifier, assert_params_close, params_of, quiet_trainer
 from tests.test_feature_map import LAYERS, RefModel, hand_penalty
-
-
-class StopAfter(Callback):
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 == self.epochs:
-            trainer.should_stop = True
 
 
 def _no_drift(model):

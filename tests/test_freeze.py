@@ -374,15 +374,20 @@ def test_a_schedule_that_finishes_does_not_warn(recwarn):
 # --- sharded strategies (defect 15) and argument validation (defect 14) ----------------------------
 
 
-def test_fsdp2_model_parallel_is_rejected_without_the_flattening_claim():
+def test_sharded_strategies_get_a_true_message():
+    """Issue 14 #15: the old error claimed FSDP flattens parameters, untrue for FSDP2. FSDP2 is now supported
+    (tests/contract/test_sharded.py); FSDP1 and DeepSpeed are refused with what they really lack."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    fake_trainer = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
-    with pytest.raises(ValueError, match="FreezeSchedule does not support ModelParallelStrategy") as err:
-        FreezeSchedule(depth=1).setup(fake_trainer, TinyClassifier(), "fit")
-    assert "flatten" not in str(err.value)
+    from lightning_transfer.validation import check_strategy
+
+    check_strategy(SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)),
+                   "FreezeSchedule", sharded=True)  # accepted
+    with pytest.raises(ValueError, match="FreezeSchedule does not support FSDPStrategy: FSDP1") as err:
+        FreezeSchedule(depth=1).setup(SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy)), TinyClassifier(), "fit")
+    assert "flatten" not in str(err.value) and "ModelParallelStrategy" in str(err.value)
 
 
 NAN, INF = float("nan"), float("inf")

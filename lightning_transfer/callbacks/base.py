@@ -14,10 +14,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_transfer.anatomy import AnatomyError, find_head
+from lightning_transfer.functional.sharding import is_sharded, local
 from lightning_transfer.optim import norm_and_bias_ids
 
 __all__ = [
-    "GradientRegularizer", "add_to_grads", "check_one_optimizer_per_parameter", "optimizer_param_ids", "select_parameters",
+    "GradientRegularizer", "add_to_grads", "check_one_optimizer_per_parameter", "local_grads", "optimizer_param_ids",
+    "select_parameters",
 ]
 
 
@@ -54,15 +56,27 @@ def select_parameters(
     return transferred, head_params, head_name
 
 
+def local_grads(params: Sequence[Tensor]) -> list[Tensor]:
+    """This rank's ``.grad`` of every parameter (its local shard under FSDP2), created as zeros where missing."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [local(p.grad) for p in params]
+
+
 def add_to_grads(params: Sequence[Tensor], contributions: Sequence[Tensor]) -> None:
-    """``p.grad += r`` for every pair, with one fused kernel per device/dtype group."""
+    """``p.grad += r`` for every pair, with one fused kernel per device/dtype group.
+
+    ``r`` has the shape of this rank's part of ``p`` (its local shard when ``p`` is an FSDP2 DTensor).
+    """
     existing_p, existing_r = [], []
     for p, r in zip(params, contributions):
-        if p.grad is None:
+        if p.grad is None and not is_sharded(p):
             p.grad = r.to(p.dtype).clone()
         else:
-            existing_p.append(p.grad)
-            existing_r.append(r if r.dtype == p.grad.dtype else r.to(p.grad.dtype))
+            g = local_grads([p])[0]
+            existing_p.append(g)
+            existing_r.append(r if r.dtype == g.dtype else r.to(g.dtype))
     if existing_p:
         torch._foreach_add_(existing_p, existing_r)
 

@@ -10,8 +10,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_transfer.callbacks.base import GradientRegularizer
+from lightning_transfer.callbacks.base import GradientRegularizer, local_grads
 from lightning_transfer.functional.projection import project_conflicting_
+from lightning_transfer.functional.sharding import is_sharded, reduce_partial_sums
 from lightning_transfer.validation import check_choice, check_number, check_strategy
 
 __all__ = ["DTNH"]
@@ -27,7 +28,8 @@ class DTNH(Callback):
     gradient ``g = .grad`` where they conflict, and writes ``g + r'`` into ``.grad``. With L2SP alone no
     extra backward pass runs (its ``r`` is analytic). With several optimizers (manual optimization) each
     optimizer's step projects the ``r`` of its own parameters only, so each ``r`` is applied once. Logs ``dtnh/projected`` (fraction of tensors
-    projected), ``dtnh/cosine`` (mean cosine of r and g) and ``dtnh/removed_norm``.
+    projected), ``dtnh/cosine`` (mean cosine of r and g) and ``dtnh/removed_norm``. Under sharded training
+    (FSDP2) it works on local shards; the per-tensor sums are all-reduced once per step.
 
     Args:
         granularity: ``"tensor"`` (one projection per parameter tensor) or ``"global"``.
@@ -47,7 +49,7 @@ class DTNH(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, "DTNH")
+        check_strategy(trainer, "DTNH", sharded=True)
         if sum(isinstance(cb, DTNH) for cb in trainer.callbacks) > 1:
             raise ValueError("Only one DTNH callback per Trainer: it already projects every regularizer's gradient.")
         found = [cb for cb in trainer.callbacks if isinstance(cb, GradientRegularizer)]
@@ -76,9 +78,9 @@ class DTNH(Callback):
         if not merged:
             return
         params = [p for p, _ in merged.values()]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        stats = project_conflicting_([p.grad for p in params], [r for _, r in merged.values()], self.granularity, self.eps)
+        # under FSDP2, g and r are local shards: the per-tensor sums are all-reduced once
+        reduce = (lambda v: reduce_partial_sums(v, params)) if any(is_sharded(p) for p in params) else None
+        stats = project_conflicting_(local_grads(params), [r for _, r in merged.values()], self.granularity, self.eps,
+                                     reduce=reduce)
         for key, value in stats.items():
             pl_module.log(f"dtnh/{key}", value, on_step=True, on_epoch=False)

@@ -133,7 +133,8 @@ class FeatureMapRegularization(GradientRegularizer):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, OWNER)
+        check_strategy(trainer, OWNER, reason="it keeps a full, unsharded reference copy of the model to compute "
+                       "the pre-trained feature maps, and a sharded reference is not implemented")
         self.channel_weights, self._loaded = None, None  # a new fit (a resume restores them after setup)
         for name in self.layers:
             resolve_module(pl_module, name, "layer")

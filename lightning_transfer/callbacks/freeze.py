@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -57,8 +58,12 @@ class FreezeSchedule(Callback):
     * DDP: the first depth is applied before the model is wrapped; blocks unfrozen later are unknown to
       DDP (Lightning issue #20340), so their gradients are averaged across ranks here, in one flat
       all-reduce per step. A schedule that freezes more later needs
-      ``DDPStrategy(find_unused_parameters=True)`` and says so at setup. Sharded strategies (FSDP,
-      FSDP2 through ``ModelParallelStrategy``, DeepSpeed) are rejected at setup.
+      ``DDPStrategy(find_unused_parameters=True)`` and says so at setup.
+    * FSDP2 (``ModelParallelStrategy`` with ``fully_shard``): FSDP2 keeps one DTensor per parameter and
+      reduce-scatters the gradient of every parameter that has one, so ``requires_grad`` may differ per
+      block and change at any epoch (also for a block frozen when ``fully_shard`` ran); no extra
+      all-reduce is needed. ``fully_shard`` replaces the parameter objects, so the parameters you froze
+      are remembered by name and found again at fit start. FSDP1 and DeepSpeed are rejected at setup.
     * The schedule runs on epochs: milestones past ``max_epochs`` are an error; a gradual schedule that
       cannot unfreeze every block by the last epoch, or any schedule cut short by ``max_steps`` (also
       with ``max_epochs=-1``), is a warning naming the depth the run ends at.
@@ -109,6 +114,8 @@ class FreezeSchedule(Callback):
         self._user_frozen: set[int] = set()
         self._user_frozen_names: list[str] | None = None
         self._trainable = 0.0
+        self._trainer: weakref.ref | None = None  # the Trainer of the current fit (for a late restore)
+        self._started = False  # on_fit_start ran in this fit
 
     @classmethod
     def lp_ft(cls, probe_epochs: int, **kwargs: Any) -> FreezeSchedule:
@@ -127,7 +134,7 @@ class FreezeSchedule(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, _OWNER)
+        check_strategy(trainer, _OWNER, sharded=True)
         self._blocks = list_blocks(pl_module, self.blocks, self.head)
         n = len(self._blocks) - 1
         if self.milestones is not None:
@@ -158,6 +165,7 @@ class FreezeSchedule(Callback):
         self._user_frozen_names = [name for name, p in pl_module.named_parameters() if id(p) in self._user_frozen]
         self.current_depth = None
         self._apply(trainer, self._depth_for(0))  # before DDP wraps the model
+        self._trainer, self._started = weakref.ref(trainer), False
 
     def _warn_unfinished(self, last_epoch: int, limit: str, longer: str) -> None:
         final = self._schedule[max(self._schedule)]
@@ -193,6 +201,9 @@ class FreezeSchedule(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # configure_model (FSDP2's fully_shard) may have replaced the parameter objects since setup
+        names = set(self._user_frozen_names or ())
+        self._user_frozen = {id(p) for n, p in pl_module.named_parameters() if n in names}
         in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
         in_blocks = {id(p) for _, block in self._blocks for p in block.parameters()} - self._user_frozen
         missing = [n for n, p in pl_module.named_parameters() if id(p) in in_blocks and id(p) not in in_optimizer]
@@ -203,6 +214,12 @@ class FreezeSchedule(Callback):
                 "torch.optim.SGD(self.parameters(), ...): frozen ones get no gradient and no update."
             )
         self._ddp_managed = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        self._started = True
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._started = False
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -270,7 +287,24 @@ class FreezeSchedule(Callback):
             self._user_frozen_names = theirs  # loaded before setup: setup records this run's own
         if self._blocks and state_dict["depth"] is not None:
             # restored before DDP wraps the model: freeze as the checkpointed run was at its last epoch
+            trainable = [p.requires_grad for _, block in self._blocks for p in block.parameters()]
             self.current_depth = None
             self._apply(None, state_dict["depth"])
+            if self._started and trainable != [p.requires_grad for _, b in self._blocks for p in b.parameters()]:
+                self._reload_optimizer_state()
         else:
             self.current_depth = state_dict["depth"]
+
+    def _reload_optimizer_state(self) -> None:
+        """Load the optimizer state again, now that the parameters are frozen as when it was saved.
+
+        Sharded strategies (FSDP2) restore the checkpoint after ``on_fit_start``, loading the optimizer
+        state only for the parameters trainable at that moment (the depth of epoch 0), before this
+        callback's state arrives: the momentum of blocks the checkpointed run had unfrozen would be lost.
+        """
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is None or trainer.ckpt_path is None or not trainer.strategy.restore_checkpoint_after_setup:
+            return
+        for opt in trainer.optimizers:
+            opt.state.clear()
+        trainer.strategy.load_checkpoint(trainer.ckpt_path)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -16,12 +16,21 @@ from typing_extensions import override
 from lightning_transfer.callbacks.base import (
     GradientRegularizer,
     check_one_optimizer_per_parameter,
+    local_grads,
     optimizer_param_ids,
     select_parameters,
     warn_weight_decay_on,
 )
 from lightning_transfer.functional.fisher import load_fisher, match_fisher
 from lightning_transfer.functional.penalties import NORMS, add_l2sp_grad_, sp_penalty_and_grad
+from lightning_transfer.functional.sharding import (
+    check_shardable,
+    full_tensor,
+    is_sharded,
+    local,
+    reduce_partial_sums,
+    shard_like,
+)
 from lightning_transfer.validation import check_choice, check_number, check_strategy, check_strings
 
 __all__ = ["L2SP"]
@@ -60,7 +69,13 @@ class L2SP(GradientRegularizer):
         anchor_dtype: ``"float32"`` or ``"bfloat16"`` (halves the memory of ``w0``).
         fused: Apply the default (``"l2"``, coupled, no Fisher) gradient with a ``torch.compile``-d
             kernel at the memory-traffic floor (one read of w, w0, g and one write of g); the first step
-            pays the compilation (about 20 s on a 2-core CPU). Falls back to eager with a warning.
+            pays the compilation (about 20 s on a 2-core CPU). Falls back to eager with a warning (also
+            under sharded training).
+
+    Sharded training (FSDP2, ``ModelParallelStrategy`` with ``fully_shard``): every rank keeps the
+    anchors (and Fisher) of its own shards only (1/N of the model), the penalty and its gradient are
+    computed on local shards (group-lasso rows lie within a dim-0 shard) and the logged value is
+    summed over ranks with one all-reduce. Checkpoints hold the full anchors (gathered when saved).
 
     Example::
 
@@ -108,6 +123,8 @@ class L2SP(GradientRegularizer):
         self._head_params: list[torch.nn.Parameter] = []
         self._loaded: dict[str, Tensor] | None = None
         self._workspace: dict = {}  # scratch buffer of the fused CPU path
+        self._sharded = False  # parameters are FSDP2 DTensors: anchors hold local shards
+        self._started = False  # on_fit_start ran in this fit (sharded strategies restore state after it)
 
     @property
     def state_key(self) -> str:
@@ -120,13 +137,14 @@ class L2SP(GradientRegularizer):
 
     @property
     def anchors(self) -> dict[str, Tensor]:
-        """``w0`` by parameter name."""
+        """``w0`` by parameter name (this rank's shard of it under sharded training)."""
         return dict(zip(self._names, self._anchors))
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # validate names and the Fisher file before any step
-            check_strategy(trainer, "L2SP")
+            check_strategy(trainer, "L2SP", sharded=True)
+            self._started = False
             self._loaded = None  # a resume restores it after setup; a new fit takes w0 afresh
             transferred, _, _ = select_parameters(pl_module, self.head, self.exclude, self.include_norm_and_bias)
             if self.fisher_path is not None:
@@ -139,20 +157,35 @@ class L2SP(GradientRegularizer):
         self._params = [p for _, p in transferred]
         self._head_params = [p for _, p in head_params]
         check_one_optimizer_per_parameter(trainer.optimizers, transferred + head_params, "L2SP")
+        check_shardable(transferred + head_params, "L2SP")
+        self._sharded = any(is_sharded(p) for p in self._params + self._head_params)
+        if self._sharded and self.fused:
+            rank_zero_warn("L2SP(fused=True) runs the eager kernel under sharded training (on local shards).")
         if self._loaded is not None:  # resume: w0 comes from the checkpoint, never from resumed weights
-            missing = [n for n in self._names if n not in self._loaded]
-            if missing:
-                raise KeyError(f"L2SP state in the checkpoint lacks w0 for {missing[:5]}: it was saved from another "
-                               "model, or with fewer anchored parameters (a larger exclude, include_norm_and_bias=False).")
-            self._anchors = [self._loaded[n].to(p.device, self.anchor_dtype) for n, p in transferred]
-            self._loaded = None
-        else:
-            self._anchors = [p.detach().to(self.anchor_dtype, copy=True) for p in self._params]
+            self._apply_loaded()
+        else:  # this rank's shard only under FSDP2
+            self._anchors = [local(p).detach().to(self.anchor_dtype, copy=True) for p in self._params]
         if self.fisher_path is not None:
             fisher = match_fisher(load_fisher(self.fisher_path), transferred)
-            self._fisher = [f.to(p.device, torch.float32) for f, p in zip(fisher, self._params)]
+            self._fisher = [shard_like(f.to(torch.float32), p).to(p.device) for f, p in zip(fisher, self._params)]
         if not self.decoupled:
             warn_weight_decay_on(trainer, self._params, "L2SP")
+        self._started = True
+
+    def _apply_loaded(self) -> None:
+        """Anchors from the loaded (full) ``w0``: each rank keeps the shard of its parameters."""
+        loaded, self._loaded = self._loaded, None
+        missing = [n for n in self._names if n not in loaded]
+        if missing:
+            raise KeyError(f"L2SP state in the checkpoint lacks w0 for {missing[:5]}: it was saved from another "
+                           "model, or with fewer anchored parameters (a larger exclude, include_norm_and_bias=False).")
+        self._anchors = [shard_like(loaded[n].to(p.device), p).to(self.anchor_dtype, copy=True)
+                         for n, p in zip(self._names, self._params)]
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._started = False
 
     def _active(self, ids: set[int] | None) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None, list[Tensor]]:
         """Trainable (transferred, anchors, Fisher, head) tensors, restricted to the ids of one optimizer."""
@@ -168,13 +201,16 @@ class L2SP(GradientRegularizer):
     ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """``(params, scale·r, value)`` of the penalty α·P on transferred tensors + β/2·‖·‖² on the head."""
         params, anchors, fisher, head = self._active(ids)
-        value, grads = sp_penalty_and_grad(params, anchors, self.alpha * scale, self.norm, fisher,
+        value, grads = sp_penalty_and_grad([local(p) for p in params], anchors, self.alpha * scale, self.norm, fisher,
                                            compute_value=compute_value)
         params = list(params)
         if self.beta > 0 and head:
-            head_value, head_grads = sp_penalty_and_grad(head, None, self.beta * scale, "l2", compute_value=compute_value)
+            head_value, head_grads = sp_penalty_and_grad([local(p) for p in head], None, self.beta * scale, "l2",
+                                                         compute_value=compute_value)
             params, grads = params + head, grads + head_grads
             value = value + head_value if compute_value else None
+        if compute_value:  # local partial sums under sharding: one all-reduce
+            value = reduce_partial_sums(value.float().reshape(1), self._params + self._head_params)[0]
         return params, grads, (value / scale if compute_value else None)
 
     @staticmethod
@@ -217,14 +253,13 @@ class L2SP(GradientRegularizer):
             for ps, w0, strength in ((list(params), anchors, self.alpha), (head if self.beta > 0 else [], None, self.beta)):
                 if not ps:
                     continue
-                for p in ps:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
                 # the compiled kernel specializes on the strength: a partial window (scale < 1) runs eager
-                part = add_l2sp_grad_([p.grad for p in ps], ps, w0, strength * scale, with_value, self._workspace,
-                                      compiled=self.fused and scale == 1.0)
+                part = add_l2sp_grad_(local_grads(ps), [local(p) for p in ps], w0, strength * scale, with_value,
+                                      self._workspace, compiled=self.fused and scale == 1.0 and not self._sharded)
                 if part is not None:
                     value = part / scale if value is None else value + part / scale
+            if value is not None and self._sharded:  # local partial sums: one all-reduce
+                value = reduce_partial_sums(value.float().reshape(1), self._params + self._head_params)[0]
             if log_now:
                 self._log_penalty(pl_module, value)
             return
@@ -240,7 +275,7 @@ class L2SP(GradientRegularizer):
                 ps.append(p)
                 rs.append(r)
             for lr, (ps, rs) in by_lr.items():
-                torch._foreach_add_(ps, rs, alpha=-lr)
+                torch._foreach_add_([local(p) for p in ps], rs, alpha=-lr)
         if log_now:
             self._log_penalty(pl_module, value)
 
@@ -278,10 +313,18 @@ class L2SP(GradientRegularizer):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """The full ``w0`` (under sharding gathered from every rank's shard: all ranks call this)."""
         if self._loaded is not None:  # loaded, not yet applied by a fit
             return {"anchors": dict(self._loaded)}
-        return {"anchors": {n: a.detach().cpu() for n, a in zip(self._names, self._anchors)}}
+        return {"anchors": {n: full_tensor(a.detach(), p).cpu() for n, a, p in zip(self._names, self._anchors, self._params)}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the loaded ``w0`` for ``on_fit_start``, or apply it now if that already ran.
+
+        Sharded strategies (FSDP2) restore checkpoints after ``on_fit_start``, which has then anchored on
+        the weights at fit start: the checkpoint's anchors replace those.
+        """
         self._loaded = dict(state_dict["anchors"])
+        if self._started:
+            self._apply_loaded()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from typing_extensions import override
 
 from lightning_transfer.anatomy import final_linear, find_head
@@ -35,6 +36,11 @@ def class_counts_of(trainer: Trainer, num_classes: int) -> list[int]:
     if isinstance(loader, (Mapping, list, tuple)):
         raise ValueError("MaxEntropyHeadInit(bias='log_prior') cannot tell which of several training loaders holds the "
                          f"labels; {way_out}.")
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, DistributedSampler) \
+            and not isinstance(loader.dataset, IterableDataset):
+        # a loader built with its own DistributedSampler yields this rank's part only: count the whole data,
+        # as every rank must draw the same head
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn)
     targets = getattr(getattr(loader, "dataset", None), "targets", None)
     if targets is None:
         targets = torch.cat([batch_labels(batch).flatten() for batch in loader])
@@ -59,8 +65,8 @@ class MaxEntropyHeadInit(Callback):
     With ``W = 0, b = 0`` the softmax is uniform (entropy ``log K``) and the backbone gets exactly zero
     task gradient on the first optimizer step (``∂L/∂h = Wᵀδ = 0``); after that step the head is a
     class-mean classifier. Applied once, after all weights are loaded (``on_fit_start``), and never
-    again on a resume. Only the final layer of an MLP head is zeroed (zeroing hidden layers would keep
-    their units symmetric forever). Weight decay and BatchNorm running statistics still move on step 1.
+    again on a resume (also under FSDP2, which restores the checkpoint after ``on_fit_start``). Only the
+    final layer of an MLP head is zeroed (zeroing hidden layers would keep their units symmetric forever). Weight decay and BatchNorm running statistics still move on step 1.
 
     Args:
         head: Dotted name of the head; auto-detected by default.
@@ -97,7 +103,7 @@ class MaxEntropyHeadInit(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            check_strategy(trainer, _OWNER)
+            check_strategy(trainer, _OWNER, sharded=True)
             find_head(pl_module, self.head)  # unknown names fail here, before any step
             self.applied = False  # a new fit (a resume restores True after setup)
 
@@ -131,3 +137,5 @@ class MaxEntropyHeadInit(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied = bool(state_dict["applied"])
+        if self.applied:  # a sharded strategy restores after on_fit_start: the head it zeroed is overwritten
+            self._entropy = None

@@ -50,7 +50,8 @@ class RIFLE(Callback):
     falls in the last 5 epochs or last eighth of training (whichever is larger) and none after the
     final one. The head's optimizer state (momentum, Adam moments) is cleared by default. The draw is
     seeded per re-init, so DDP ranks get the same head and a resumed run the same one as an
-    uninterrupted run. Validation metrics dip after each re-init: early stopping and "best" checkpoints
+    uninterrupted run; under FSDP2 each rank keeps its shard of the full draw of a single-process run.
+    Validation metrics dip after each re-init: early stopping and "best" checkpoints
     should know.
 
     Args:
@@ -112,7 +113,7 @@ class RIFLE(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, _OWNER)
+        check_strategy(trainer, _OWNER, sharded=True)
         find_head(pl_module, self.head)
         self.done = []  # a new fit (a resume restores its re-inits after setup)
         if self.interval == "epoch":

@@ -109,7 +109,8 @@ class RepresentationSimilarity(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, _OWNER)
+        check_strategy(trainer, _OWNER, reason="it keeps a full, unsharded reference copy of the model to compare "
+                       "representations with, and a sharded reference is not implemented")
         self.history, self.epochs = {}, []  # a new fit (a resume restores them after setup)
         blocks = list_blocks(pl_module, self.blocks)
         self._names = [n for n, _ in blocks]

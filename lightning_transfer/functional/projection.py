@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -30,11 +30,18 @@ def project_conflicting_(
     r: Sequence[Tensor],
     granularity: Literal["tensor", "global"] = "tensor",
     eps: float = 1e-20,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """In place: ``g ← g + r'`` (see :func:`project_conflicting`); returns the statistics.
 
     Reads ``g`` and ``r`` a few times and writes ``g`` twice; no full-size temporary on CPU, a handful of
     fused ``_foreach`` kernels on GPU, and no host synchronization.
+
+    ``reduce`` makes it work on shards (FSDP2): ``g`` and ``r`` are then this rank's local pieces of
+    each tensor, and ``reduce`` sums a vector of per-rank partial sums over the ranks (one all-reduce,
+    e.g. :func:`~lightning_transfer.functional.sharding.reduce_partial_sums`): the per-tensor
+    ``⟨r, g⟩``, ``‖g‖²`` and ``‖r‖²`` are summed over the shards before any decision, so every rank
+    projects with the coefficients of the whole tensor.
     """
     if granularity not in ("tensor", "global"):
         raise ValueError(f"granularity must be 'tensor' or 'global', got {granularity!r}.")
@@ -45,6 +52,8 @@ def project_conflicting_(
         return {"projected": zero, "cosine": zero, "removed_norm": zero}
     g, r = list(g), [t if t.dtype == g[i].dtype else t.to(g[i].dtype) for i, t in enumerate(r)]
     dot, gg, rr = _dots(g, r), _squared_norms(g), _squared_norms(r)
+    if reduce is not None:
+        dot, gg, rr = reduce(torch.cat([dot, gg, rr])).split(len(g))
     finite = torch.isfinite(gg.sum())
     if granularity == "global":
         dot, gg, rr = dot.sum().view(1), gg.sum().view(1), rr.sum().view(1)

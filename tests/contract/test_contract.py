@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_transfer import DTNH, L2SP
@@ -20,6 +19,7 @@ from tests.contract.registry import COMBINATIONS, REGISTRY, SINGLE, Model
 from tests.helpers import (
     ACCELERATOR,
     ImageModule,
+    StopAfter,
     TinyClassifier,
     assert_params_close,
     params_of,
@@ -32,17 +32,6 @@ NAMES = list(REGISTRY)
 def _model(name, **kwargs):
     """The entry's TinyClassifier (with its extra module arguments, e.g. layer decay)."""
     return TinyClassifier(**{**REGISTRY[name].module, **kwargs})
-
-
-class StopAfter(Callback):
-    """Interrupt a run at an epoch boundary (the checkpoint of that epoch is still written)."""
-
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 == self.epochs:
-            trainer.should_stop = True
 
 
 @pytest.mark.parametrize("name", NAMES)

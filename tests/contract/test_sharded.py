@@ -1,0 +1,184 @@
+"""The sharded column of the contract: FSDP2 (``ModelParallelStrategy`` + ``fully_shard``) on 2 CPU ranks.
+
+Every callback entry of the registry, and every combination of supported callbacks, trains to the same
+full parameters as a single-process run on the same global batches, and a run resumed from its
+distributed checkpoint ends equal to the uninterrupted one. Callbacks that need a full reference copy
+of the model (FeatureMapRegularization, RepresentationSimilarity) are rejected at setup; FSDP1 and
+DeepSpeed are rejected for every callback by the one shared strategy check.
+
+All sharded fits run in one 2-process launch (tests/contract/sharded_run.py); the single-process
+references run here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+from lightning_transfer import (
+    DTNH,
+    L2SP,
+    RIFLE,
+    FeatureMapRegularization,
+    FreezeSchedule,
+    MaxEntropyHeadInit,
+    RepresentationSimilarity,
+)
+from lightning_transfer.functional.projection import _dots, _squared_norms, project_conflicting_
+from lightning_transfer.validation import check_strategy
+from tests.contract.registry import REGISTRY, Model
+from tests.contract.sharded_run import entries, extra_entries, reference
+from tests.helpers import TinyClassifier, assert_params_close
+
+SCRIPT = Path(__file__).with_name("sharded_run.py")
+UNSHARDED = (FeatureMapRegularization, RepresentationSimilarity)  # need a full reference copy of the model
+
+
+def _supported(name: str) -> bool:
+    return not any(isinstance(cb, UNSHARDED) for cb in REGISTRY[name].make(Model()))
+
+
+SUPPORTED = [n for n in REGISTRY if _supported(n)]
+REJECTED = [n for n in REGISTRY if not _supported(n)]
+EXTRA = list(extra_entries(Path(".")))  # other norms, Fisher, fused, uneven shards, a user-frozen parameter
+NAMES = SUPPORTED + EXTRA
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """One 2-rank launch: every supported entry, uninterrupted and resumed, then every rejected entry (each
+    expected to fail at setup); rank 0's results by name."""
+    out = tmp_path_factory.mktemp("sharded")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--resume", *NAMES, *[f"!{n}" for n in REJECTED]],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, {n: torch.load(out / f"{n}.pt") for n in NAMES + REJECTED}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_equals_single_process(name, sharded):
+    out, results = sharded
+    # the fused kernel runs eager under sharding: compare with the eager single-process L2SP (no compile here)
+    expected, metrics = reference(entries(out)["L2SP" if name == "L2SP-fused" else name])
+    tol = {"rtol": 1e-4, "atol": 1e-4} if "gl" in name or "group_lasso" in name else {"rtol": 1e-5, "atol": 1e-6}
+    assert_params_close(results[name]["params"], expected, **tol)
+    start = dict(TinyClassifier(norm=False, **{k: v for k, v in entries(out)[name].module.items() if k != "frozen"})
+                 .named_parameters())
+    assert any(not torch.equal(start[k].detach(), results[name]["params"][k]) for k in start)  # it trained
+    # logged values (penalties, DTNH statistics) are of the whole model on rank 0, not of its shard
+    assert results[name]["metrics"].keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert results[name]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_resume_from_distributed_checkpoint_equals_uninterrupted(name, sharded):
+    _, results = sharded
+    assert_params_close(results[name]["resumed"], results[name]["params"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_l2sp_anchor_memory_per_rank_is_one_over_n(sharded):
+    _, results = sharded
+    measured = [a for n in NAMES for a in results[n]["anchors"]]
+    assert measured
+    for a in measured:
+        assert a["types"] == ["Tensor"]  # local shards, not DTensors or full copies
+        assert a["local"] * 2 == a["full"]
+
+
+@pytest.mark.slow
+def test_fsdp2_user_frozen_parameter_is_never_thawed(sharded):
+    _, results = sharded
+    start = dict(TinyClassifier(norm=False).named_parameters())
+    assert torch.equal(results["FreezeSchedule-user-frozen"]["params"]["backbone.1.0.bias"], start["backbone.1.0.bias"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REJECTED)
+def test_rejected_callbacks_fail_at_setup_of_a_real_fsdp2_run(name, sharded):
+    _, results = sharded
+    error = results[name]["error"]
+    assert error is not None and "does not support sharded training (ModelParallelStrategy / FSDP2)" in error
+    assert "reference copy" in error and "Use a single device or DDP" in error
+    assert results[name]["global_step"] == 0
+
+
+# ------------------------------------------------------------------ strategy checks (no processes)
+
+
+def _stub(strategy):
+    return SimpleNamespace(strategy=strategy, max_epochs=10, max_steps=-1, callbacks=[], world_size=2)
+
+
+def _fsdp2():
+    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+
+@pytest.mark.parametrize("name", REJECTED)
+def test_callbacks_needing_a_reference_copy_are_rejected_under_fsdp2(name):
+    for cb in [cb for cb in REGISTRY[name].make(Model()) if isinstance(cb, UNSHARDED)]:
+        with pytest.raises(ValueError, match=rf"{type(cb).__name__} does not support sharded training .*reference copy"):
+            cb.setup(_stub(_fsdp2()), TinyClassifier(), "fit")
+
+
+ALL_CALLBACKS = [
+    lambda: L2SP(), lambda: DTNH(), lambda: MaxEntropyHeadInit(), lambda: RIFLE(points=[1]),
+    lambda: FreezeSchedule(depth=1), lambda: FeatureMapRegularization(["backbone.0"]),
+    lambda: RepresentationSimilarity(),
+]
+
+
+@pytest.mark.parametrize("make", ALL_CALLBACKS)
+@pytest.mark.parametrize("strategy,message", [
+    (lambda: FSDPStrategy.__new__(FSDPStrategy), "does not support FSDPStrategy: FSDP1 .*needs a GPU"),
+    (lambda: DeepSpeedStrategy.__new__(DeepSpeedStrategy), "does not support DeepSpeedStrategy: DeepSpeed"),
+])
+def test_fsdp1_and_deepspeed_rejected_by_the_shared_check(make, strategy, message):
+    cb = make()
+    with pytest.raises(ValueError, match=message):
+        cb.setup(_stub(strategy()), TinyClassifier(), "fit")
+
+
+def test_check_strategy_accepts_fsdp2_only_when_the_callback_does():
+    check_strategy(_stub(_fsdp2()), "X", sharded=True)
+    with pytest.raises(ValueError, match="X does not support sharded training .*: needs Y. Use a single device or DDP"):
+        check_strategy(_stub(_fsdp2()), "X", reason="needs Y")
+    with pytest.raises(ValueError, match="only single-device, DDP and ModelParallelStrategy"):
+        check_strategy(_stub(object()), "X", sharded=True)
+
+
+# ------------------------------------------------------------------ DTNH's sums over shards (no processes)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+def test_projection_on_shards_with_one_reduce_equals_the_unsharded_projection(granularity):
+    """Two "ranks" hold dim-0 halves of g and r; one reduce of the partial sums gives the whole projection."""
+    gen = torch.Generator().manual_seed(0)
+    g = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
+    r = [-t + 0.3 * torch.randn(t.shape, generator=gen) for t in g]  # conflicting
+    whole = [t.clone() for t in g]
+    project_conflicting_(whole, r, granularity)
+
+    halves = [([t[:3].clone() for t in g], [t[:3] for t in r]), ([t[3:].clone() for t in g], [t[3:] for t in r])]
+    partial = [torch.cat([_dots(gs, rs), _squared_norms(gs), _squared_norms(rs)]) for gs, rs in halves]
+    for rank, (gs, rs) in enumerate(halves):
+        calls = []
+        other = partial[1 - rank]
+
+        def reduce(v, calls=calls, other=other):
+            calls.append(1)
+            return v + other
+
+        project_conflicting_(gs, rs, granularity, reduce=reduce)
+        assert len(calls) == 1
+        for full, piece in zip(whole, gs):
+            torch.testing.assert_close(piece, full[:3] if rank == 0 else full[3:])

@@ -1,0 +1,95 @@
+"""The `lightning-transfer` command: stacked method configs compose, and no user file is overwritten."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_transfer.cli import build_cli, compose_callbacks
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+OFFLINE = ["--model.init_args.pretrained=false"]  # no weights needed to check what is built
+
+
+def _callbacks(*configs: str) -> list[str]:
+    args = [a for c in configs for a in ("--config", str(CONFIGS / c))]
+    cli = build_cli([*args, *OFFLINE], run=False)
+    return [type(cb).__name__ for cb in cli.trainer.callbacks if type(cb).__module__.startswith("lightning_transfer.callbacks")]
+
+
+def test_stacked_method_configs_keep_every_callback():
+    """Issue 14 #1: the later file's trainer.callbacks used to replace the earlier list (only FreezeSchedule)."""
+    args = [a for c in ("quickstart.yaml", "l2sp.yaml", "freeze_depth.yaml") for a in ("--config", str(CONFIGS / c))]
+    cli = build_cli([*args, *OFFLINE], run=False)
+    names = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    assert "L2SP" in names and "FreezeSchedule" in names
+    assert cli.model.hparams.weight_decay == 0.0  # l2sp.yaml's other settings still apply
+
+
+@pytest.mark.parametrize(
+    "configs,expected",
+    [
+        (("l2sp.yaml", "freeze_depth.yaml"), ["L2SP", "FreezeSchedule"]),
+        (("delta.yaml", "lp_ft.yaml"), ["FeatureMapRegularization", "FreezeSchedule"]),
+        (("dtnh_delta.yaml", "gradual_unfreeze.yaml"), ["FeatureMapRegularization", "DTNH", "FreezeSchedule"]),
+        (("mei.yaml", "rifle.yaml"), ["MaxEntropyHeadInit", "RIFLE"]),
+        (("rifle.yaml", "freeze_depth.yaml"), ["RIFLE", "FreezeSchedule"]),
+        (("l2sp.yaml", "layer_decay.yaml"), ["L2SP"]),
+    ],
+)
+def test_the_combinations_of_the_readme_compose(configs, expected):
+    assert _callbacks("quickstart.yaml", *configs) == expected
+
+
+def test_the_same_callback_twice_is_an_error():
+    with pytest.raises(ValueError, match="would apply twice"):
+        _callbacks("quickstart.yaml", "dtnh.yaml", "l2sp.yaml")
+
+
+def test_a_command_line_append_still_appends():
+    args = ["--config", str(CONFIGS / "l2sp.yaml"), "--config", str(CONFIGS / "mei.yaml"),
+            "--trainer.callbacks+=lightning_transfer.RIFLE"]
+    composed = compose_callbacks(args)
+    assert composed[-1] == "--trainer.callbacks+=lightning_transfer.RIFLE"
+    assert composed.index(next(a for a in composed if a.startswith("--trainer.callbacks="))) == 4
+
+
+def test_a_single_config_is_left_to_jsonargparse():
+    args = ["fit", "--config", str(CONFIGS / "l2sp.yaml")]
+    assert compose_callbacks(args) == args
+
+
+def _tiny_config(tmp_path: Path, logger) -> Path:
+    config = {
+        "model": {"class_path": "tests.helpers.TinyClassifier"},
+        "data": {"class_path": "tests.helpers.TinyDataModule"},
+        "trainer": {"max_epochs": 1, "logger": logger, "accelerator": "cpu", "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path)},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_users_config_yaml_is_never_overwritten(tmp_path, monkeypatch):
+    """Issue 14 #11: without a logger the config was saved (overwrite=True) into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "config.yaml"
+    mine.write_text("my: own file\n")
+    build_cli(["fit", "--config", str(_tiny_config(tmp_path, False))])
+    assert mine.read_text() == "my: own file\n"
+
+
+def test_with_a_logger_the_config_is_kept_in_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}}
+    cli = build_cli(["fit", "--config", str(_tiny_config(tmp_path, logger))])
+    saved = Path(cli.trainer.log_dir) / "config.yaml"
+    assert saved.is_file() and "TinyClassifier" in saved.read_text()
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_no_stray_config_is_committed_at_the_root():
+    assert not (ROOT / "config.yaml").exists()
