@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_transfer import DTNH, L2SP  # noqa: E402
-from lightning_transfer.functional.sharding import local  # noqa: E402
+from lightning_transfer.functional.sharding import fully_shard_linears, local  # noqa: E402
 
 VARIANTS = {
     "plain": lambda: [],
@@ -53,16 +53,7 @@ class MLP(LightningModule):
         self.width, self.classes, self.n, self.batch_size = width, classes, n, batch_size
 
     def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        if getattr(self, "_sharded", False):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                fully_shard(m, mesh=mesh)
-        fully_shard(self, mesh=mesh)
-        self._sharded = True
+        fully_shard_linears(self, self.device_mesh["data_parallel"])
 
     def forward(self, x):
         return self.head(self.backbone(x))

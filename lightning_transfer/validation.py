@@ -7,13 +7,13 @@ YAML file or a sweep never trains silently wrong (``alpha=nan`` would otherwise 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any
 
 from lightning.pytorch import Trainer
 
-__all__ = ["check_choice", "check_int", "check_number", "check_optional_str", "check_strategy", "check_strings"]
+__all__ = ["check_choice", "check_int", "check_int_list", "check_number", "check_optional_str", "check_strategy", "check_strings"]
 
 
 def _kind_error(owner: str, name: str, value: Any, expected: str) -> TypeError:
@@ -67,6 +67,25 @@ def check_int(owner: str, name: str, value: Any, *, minimum: int | None = None) 
     if minimum is not None and value < minimum:
         raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value}.")
     return int(value)
+
+
+def check_int_list(owner: str, name: str, value: Any, *, minimum: int | None = None, distinct: bool = False,
+                   empty_hint: str = "") -> list[int]:
+    """A non-empty list of integers ``>= minimum`` (optionally distinct).
+
+    Example::
+
+        >>> check_int_list("RIFLE", "points", [10, 20], minimum=1, distinct=True)
+        [10, 20]
+    """
+    if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence):
+        raise _kind_error(owner, name, value, "a list of integers")
+    if not value:
+        raise ValueError(f"{owner}: {name} must not be empty{'; ' + empty_hint if empty_hint else ''}.")
+    ints = [check_int(owner, f"{name} entries", v, minimum=minimum) for v in value]
+    if distinct and len(set(ints)) != len(ints):
+        raise ValueError(f"{owner}: {name} must be distinct, got {ints}.")
+    return ints
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Collection[Any]) -> Any:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -160,6 +162,19 @@ class GradientRegularizer(Callback):
     @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._backwards += 1
+
+    def unclaimed_states(self, trainer: Trainer, checkpoint: dict[str, Any], field: str) -> dict[str, dict] | None:
+        """On a resume whose checkpoint holds no state under this instance's ``state_key`` (its arguments
+        changed), the states of this class that no other instance in the Trainer claims and that hold
+        ``field``: the candidates whose pre-trained anchors / reference this instance may adopt. ``None``
+        when Lightning restores this instance's own state, or outside fitting."""
+        states = checkpoint.get("callbacks") or {}
+        if trainer.state.fn != TrainerFn.FITTING or self.state_key in states:
+            return None
+        prefix = type(self).__qualname__ + "{"
+        claimed = {cb.state_key for cb in trainer.callbacks if type(cb) is type(self) and cb is not self}
+        return {k: v for k, v in states.items() if isinstance(k, str) and k.startswith(prefix) and k not in claimed
+                and isinstance(v, dict) and field in v}
 
     def window_scale(self, trainer: Trainer) -> float:
         """``m/k`` for an analytic ``r``, where ``m`` backward passes ran since the last step; resets ``m``.

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -341,14 +340,11 @@ class FeatureMapRegularization(GradientRegularizer):
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Resume with changed ``alpha``/``attention``: adopt the checkpoint's reference for the same layers."""
-        states = checkpoint.get("callbacks") or {}
-        if trainer.state.fn != TrainerFn.FITTING or self.state_key in states:
+        candidates = self.unclaimed_states(trainer, checkpoint, "reference")
+        if candidates is None:
             return
         prefix, same, others = type(self).__qualname__, [], []
-        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, FeatureMapRegularization) and cb is not self}
-        for key, state in states.items():
-            if not isinstance(key, str) or not key.startswith(prefix + "{") or key in claimed or "reference" not in state:
-                continue
+        for key, state in candidates.items():
             try:
                 args = ast.literal_eval(key[len(prefix):])
             except (ValueError, SyntaxError):

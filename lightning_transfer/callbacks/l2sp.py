@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -286,12 +285,9 @@ class L2SP(GradientRegularizer):
         Lightning restores callback state by ``state_key``, which holds ``alpha``, ``head``, ...: without
         this, a resume with another ``alpha`` would find no state and re-anchor on the resumed weights.
         """
-        states = checkpoint.get("callbacks") or {}
-        if trainer.state.fn != TrainerFn.FITTING or self.state_key in states:
+        candidates = self.unclaimed_states(trainer, checkpoint, "anchors")
+        if candidates is None:
             return  # Lightning hands our own state to load_state_dict
-        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, L2SP) and cb is not self}
-        candidates = {k: v for k, v in states.items()
-                      if k.startswith("L2SP{") and k not in claimed and isinstance(v, dict) and "anchors" in v}
         if len(candidates) == 1:
             (key, state), = candidates.items()
             rank_zero_info(f"L2SP: arguments changed since the checkpoint (saved as {key}, now {self.state_key}); "

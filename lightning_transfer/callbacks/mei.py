@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -15,7 +15,12 @@ from typing_extensions import override
 from lightning_transfer.anatomy import final_linear, find_head
 from lightning_transfer.batches import batch_labels, train_loader_of
 from lightning_transfer.functional.head_init import zero_head_
-from lightning_transfer.validation import check_choice, check_int, check_optional_str, check_strategy
+from lightning_transfer.validation import (
+    check_choice,
+    check_int_list,
+    check_optional_str,
+    check_strategy,
+)
 
 __all__ = ["MaxEntropyHeadInit", "class_counts_of"]
 
@@ -90,12 +95,8 @@ class MaxEntropyHeadInit(Callback):
         self.head = check_optional_str(_OWNER, "head", head)
         self.bias = check_choice(_OWNER, "bias", bias, ("zero", "log_prior"))
         if class_counts is not None:
-            if isinstance(class_counts, (str, Mapping)) or not isinstance(class_counts, Sequence):
-                raise TypeError(f"{_OWNER}: class_counts must be a list of positive integers or None, "
-                                f"got {class_counts!r} ({type(class_counts).__name__}).")
-            if not class_counts:
-                raise ValueError(f"{_OWNER}: class_counts must not be empty; pass None to count the training labels.")
-            class_counts = [check_int(_OWNER, "class_counts entries", c, minimum=1) for c in class_counts]
+            class_counts = check_int_list(_OWNER, "class_counts", class_counts, minimum=1,
+                                          empty_hint="pass None to count the training labels")
         self.class_counts = class_counts
         self.applied = False
         self._entropy: float | None = None

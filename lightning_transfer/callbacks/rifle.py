@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -13,7 +12,13 @@ from typing_extensions import override
 
 from lightning_transfer.anatomy import final_linear, find_head
 from lightning_transfer.functional.head_init import reinitialize_, zero_head_
-from lightning_transfer.validation import check_choice, check_int, check_optional_str, check_strategy
+from lightning_transfer.validation import (
+    check_choice,
+    check_int,
+    check_int_list,
+    check_optional_str,
+    check_strategy,
+)
 
 __all__ = ["RIFLE", "reinit_points"]
 
@@ -84,14 +89,8 @@ class RIFLE(Callback):
     ) -> None:
         num_reinits = check_int(_OWNER, "num_reinits", num_reinits, minimum=1)
         if points is not None:
-            if isinstance(points, (str, Mapping)) or not isinstance(points, Sequence):
-                raise TypeError(f"{_OWNER}: points must be a list of epoch/step indices or None, "
-                                f"got {points!r} ({type(points).__name__}).")
-            if not points:
-                raise ValueError(f"{_OWNER}: points must not be empty; pass None to use num_reinits.")
-            points = sorted(check_int(_OWNER, "points entries", p, minimum=1) for p in points)
-            if len(set(points)) != len(points):
-                raise ValueError(f"{_OWNER}: points must be distinct, got {points}.")
+            points = sorted(check_int_list(_OWNER, "points", points, minimum=1, distinct=True,
+                                           empty_hint="pass None to use num_reinits"))
         interval = check_choice(_OWNER, "interval", interval, ("epoch", "step"))
         if min_epochs_after is not None:
             min_epochs_after = check_int(_OWNER, "min_epochs_after", min_epochs_after, minimum=0)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "fully_shard_linears",
     "ShardingError", "check_shardable", "full_tensor", "is_sharded", "local", "reduce_partial_sums",
     "shard_like", "copy_full_", "plain_parameters",
 ]
@@ -162,3 +163,21 @@ def plain_parameters(module: nn.Module) -> Iterator[None]:
         for m, name, original, plain in swapped:
             m._parameters[name] = original
             copy_full_(original, plain.detach())
+
+
+def fully_shard_linears(module: nn.Module, mesh) -> nn.Module:
+    """FSDP2 as the library's tests and benchmarks use it: ``fully_shard`` each ``nn.Linear``, then the root.
+
+    Call it in ``LightningModule.configure_model`` with ``self.device_mesh["data_parallel"]`` under
+    ``ModelParallelStrategy``; a second call (Lightning may call ``configure_model`` again) does nothing.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if getattr(module, "_lt_fully_sharded", False):
+        return module
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    module._lt_fully_sharded = True
+    return module

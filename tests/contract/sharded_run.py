@@ -31,6 +31,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from lightning_transfer import DTNH, L2SP, FreezeSchedule, MaxEntropyHeadInit  # noqa: E402
 from lightning_transfer.functional import save_fisher  # noqa: E402
+from lightning_transfer.functional.sharding import fully_shard_linears  # noqa: E402
 from tests.contract.registry import REGISTRY, Entry, Model  # noqa: E402
 from tests.helpers import StopAfter, TinyClassifier, make_data, quiet_trainer  # noqa: E402
 
@@ -84,16 +85,8 @@ class ShardedTiny(Tiny):
     """Tiny without BatchNorm (per-rank statistics would differ), ``fully_shard``-ed per Linear."""
 
     def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        if self.device_mesh is None or getattr(self, "_sharded", False):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                fully_shard(m, mesh=mesh)
-        fully_shard(self, mesh=mesh)
-        self._sharded = True
+        if self.device_mesh is not None:
+            fully_shard_linears(self, self.device_mesh["data_parallel"])
 
     def train_dataloader(self):
         data = make_data(self.n, self.dim, self.classes)
