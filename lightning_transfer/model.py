@@ -1,10 +1,10 @@
-"""Backbone factory and :class:`TransferClassifier`, a LightningModule for fine-tuning classifiers."""
+"""`TransferClassifier`, a LightningModule for fine-tuning classifiers: images or text, any backbone."""
 
 from __future__ import annotations
 
-import difflib
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,117 +12,28 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_transfer.anatomy import find_head
-from lightning_transfer.assets import efficientnet_lite0_weights
+from lightning_transfer.backbones import build_backbone, replace_head
+from lightning_transfer.batches import batch_inputs, batch_labels, logits_of
 from lightning_transfer.optim import build_param_groups
 
 __all__ = ["TransferClassifier", "build_backbone", "replace_head"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-KNOWN_BACKBONES = "'efficientnet_lite0' (offline ImageNet weights), 'torchvision:<name>', 'timm:<name>'"
-
-
-def replace_head(model: nn.Module, num_classes: int, head: str | None = None) -> nn.Module:
-    """Replace the layer found by :func:`find_head` with a freshly initialized one for ``num_classes``."""
-    name, layer = find_head(model, head)
-    if isinstance(layer, nn.Linear):
-        new = nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None)
-    elif isinstance(layer, nn.Conv2d):  # SqueezeNet-style convolutional classifier
-        new = nn.Conv2d(layer.in_channels, num_classes, layer.kernel_size, layer.stride, layer.padding)
-    else:
-        raise TypeError(f"Cannot replace a head of type {type(layer).__name__}; build the model with num_classes.")
-    model.set_submodule(name, new)
-    return model
-
-
-def _torchvision_backbone(name: str, pretrained: bool, weights: str | None) -> tuple[nn.Module, tuple, tuple]:
-    import torchvision
-
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=8, cutoff=0.3) or known[:20]
-        raise ValueError(f"Unknown torchvision model {name!r}. Close names: {', '.join(close)}.")
-    if weights is None and pretrained:
-        weights = "DEFAULT"  # downloads on first use; pass pretrained=false for an offline random init
-    model = torchvision.models.get_model(name, weights=weights if pretrained else None)
-    if pretrained and weights is not None:
-        transforms = torchvision.models.get_model_weights(name)[weights].transforms()
-        return model, tuple(transforms.mean), tuple(transforms.std)
-    return model, IMAGENET_MEAN, IMAGENET_STD
-
-
-def _timm_backbone(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
-    try:
-        import timm
-    except ImportError:
-        raise ImportError(f"Backbone 'timm:{name}' needs timm: pip install timm") from None
-    model = timm.create_model(name, pretrained=pretrained)
-    cfg = model.pretrained_cfg
-    return model, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-
-
-def _lite0_backbone(pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
-    from efficientnet_lite_pytorch import EfficientNet
-
-    # batch_norm_momentum is TF's convention (1 - PyTorch momentum); its default 0.99 all but freezes
-    # the BatchNorm statistics during fine-tuning.
-    model = EfficientNet.from_name("efficientnet-lite0", batch_norm_momentum=0.9)
-    if pretrained:
-        state = torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    return model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-
-
-def build_backbone(
-    name: str, num_classes: int | None, pretrained: bool = True, weights: str | None = None
-) -> tuple[nn.Module, tuple[tuple[float, ...], tuple[float, ...]]]:
-    """Build a pre-trained classifier and give it a new head.
-
-    Args:
-        name: ``"efficientnet_lite0"`` (ImageNet weights from an installed package, offline),
-            ``"torchvision:<name>"`` or ``"timm:<name>"``.
-        num_classes: Size of the new head; ``None`` keeps the source (e.g. ImageNet) head.
-        pretrained: Load pre-trained weights (``False``: random init, e.g. the from-scratch baseline).
-        weights: torchvision weights enum name (``"IMAGENET1K_V1"``); default ``"DEFAULT"`` when
-            ``pretrained``. torchvision and timm weights download on first use.
-
-    Returns:
-        ``(model, (mean, std))``, the input normalization the weights expect.
-
-    Example::
-
-        >>> model, (mean, std) = build_backbone("efficientnet_lite0", num_classes=10)
-        >>> model._fc.out_features, mean
-        (10, (0.5, 0.5, 0.5))
-    """
-    if num_classes is not None and num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
-    kind, _, rest = name.partition(":")
-    if name == "efficientnet_lite0":
-        model, mean, std = _lite0_backbone(pretrained)
-    elif kind == "torchvision" and rest:
-        model, mean, std = _torchvision_backbone(rest, pretrained, weights)
-    elif kind == "timm" and rest:
-        model, mean, std = _timm_backbone(rest, pretrained)
-    else:
-        raise ValueError(f"Unknown backbone {name!r}. Known: {KNOWN_BACKBONES}.")
-    if num_classes is not None:
-        replace_head(model, num_classes)
-    return model, (mean, std)
-
 
 class TransferClassifier(LightningModule):
-    """Fine-tune a pre-trained image classifier on a new label set.
+    """Fine-tune a pre-trained classifier (images or text; CNN or transformer) on a new label set.
 
-    The input normalization of the backbone is applied inside ``forward``, so data modules hand over
-    images in ``[0, 1]`` and can never disagree with the weights.
+    Batches are ``(x, y)`` tuples or Hugging Face style dicts (``input_ids``, ``attention_mask``, ...,
+    ``labels``; or ``pixel_values``, ``labels``): dict inputs reach the backbone as keyword arguments,
+    and a ``ModelOutput`` is reduced to its logits, so ``forward`` always returns logits. A named image
+    backbone gets the input normalization of its weights inside ``forward`` (data modules hand over
+    images in ``[0, 1]`` and can never disagree with the weights); token ids are never normalized.
 
     Args:
-        backbone: A name for :func:`build_backbone`, or your own pre-trained network as a module: its
-            head (see :func:`~lightning_transfer.find_head`) is replaced by a new one for
-            ``num_classes`` and inputs reach it as the data module gives them (no normalization);
-            ``pretrained`` and ``weights`` then do not apply.
+        backbone: A name for :func:`build_backbone` (``"efficientnet_lite0"``, ``"torchvision:<name>"``,
+            ``"timm:<name>"``, ``"hf:<name>"``), or your own pre-trained network as a module (a Hugging
+            Face model included): its head (see :func:`~lightning_transfer.find_head`) is replaced by a
+            new one for ``num_classes`` and inputs reach it as the data module gives them (no
+            normalization); ``pretrained`` and ``weights`` then do not apply.
         num_classes: Number of target classes (at least 2).
         pretrained: ``False`` trains from scratch (the baseline every transfer method should beat).
         weights: torchvision weights enum name.
@@ -139,6 +50,10 @@ class TransferClassifier(LightningModule):
 
         model = TransferClassifier("efficientnet_lite0", num_classes=10, lr=0.01)
         trainer = Trainer(max_epochs=10, callbacks=[L2SP(alpha=0.01)])
+
+        bert = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
+        model = TransferClassifier(bert, num_classes=2, optimizer="adamw", lr=2e-5, layer_decay=0.9)
+        # batches: {"input_ids": ..., "attention_mask": ..., "labels": ...}
     """
 
     def __init__(
@@ -163,27 +78,44 @@ class TransferClassifier(LightningModule):
             raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
         if isinstance(backbone, nn.Module):  # the user's own pre-trained network: new head, no normalization
             self.save_hyperparameters(ignore=["backbone"])
-            self.backbone, (mean, std) = replace_head(backbone, num_classes), ((0.0,), (1.0,))
+            self.backbone, normalization = replace_head(backbone, num_classes), None
         else:
             self.save_hyperparameters()
-            self.backbone, (mean, std) = build_backbone(backbone, num_classes, pretrained, weights)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+            self.backbone, normalization = build_backbone(backbone, num_classes, pretrained, weights)
+        mean, std = normalization or (None, None)
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone((x - self.mean) / self.std)
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return images
+        if not images.is_floating_point():
+            raise TypeError(
+                f"{type(self.backbone).__name__} is an image backbone and expects float images in [0, 1], but got a "
+                f"{images.dtype} tensor (token ids?). Pass a text model (e.g. backbone='hf:<text model>'), or "
+                "convert the images with torchvision's ToTensor / ToImage + ToDtype(torch.float32, scale=True).")
+        return (images - self.mean) / self.std
 
-    def _step(self, batch, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
+    def forward(self, x: torch.Tensor | Mapping[str, Any]) -> torch.Tensor:
+        """Logits for an image batch ``x`` or a dict of model inputs (``input_ids``/``pixel_values``, ...)."""
+        if isinstance(x, Mapping):
+            inputs = dict(x)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = self._normalize(inputs["pixel_values"])
+            return logits_of(self.backbone(**inputs))
+        return logits_of(self.backbone(self._normalize(x)))
+
+    def _step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
+        y = batch_labels(batch)
+        logits = self(batch_inputs(batch))
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         metric(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
-        self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        on_step, size = stage == "train", len(y)
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train", batch_size=size)
+        self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -1,13 +1,19 @@
-"""Optimizer parameter groups built from the model's anatomy (layer-wise learning-rate decay)."""
+"""Optimizer parameter groups built from the model's anatomy (layer-wise learning-rate decay).
+
+A tool for any LightningModule: call :func:`build_param_groups` in ``configure_optimizers``. On timm
+models the groups and scales are timm's own (``param_groups_layer_decay``): its fine grouping, its layer
+ids, its ``no_weight_decay()`` names.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from lightning_transfer.anatomy import list_blocks
+from lightning_transfer.anatomy import list_blocks, timm_layer_ids
 
 __all__ = ["build_param_groups", "norm_and_bias_ids"]
 
@@ -18,7 +24,35 @@ def norm_and_bias_ids(model: nn.Module) -> set[int]:
     """Ids of the parameters that are biases, 1-d gains, or belong to a normalization layer."""
     ids = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
     ids |= {id(p) for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")}
+    return ids | _declared_no_weight_decay(model)
+
+
+def _declared_no_weight_decay(model: nn.Module) -> set[int]:
+    """Parameters a module declares exempt through timm's ``no_weight_decay()`` (position embeddings,
+    class tokens): names relative to that module, wildcards allowed."""
+    ids: set[int] = set()
+    for module in model.modules():
+        declared = getattr(module, "no_weight_decay", None)
+        if not callable(declared) or isinstance(module, nn.Parameter):
+            continue
+        patterns = set(declared())
+        ids |= {id(p) for n, p in module.named_parameters()
+                if any(fnmatch.fnmatchcase(n, pattern) for pattern in patterns)}
     return ids
+
+
+def _timm_levels(model: nn.Module, found: list[tuple[str, nn.Module]]) -> list[int] | None:
+    """Each block's distance below the head by timm's layer ids, when every block lies inside one timm model."""
+    for module in model.modules():
+        layer_ids = timm_layer_ids(module)
+        if layer_ids is None:
+            continue
+        by_param = {id(p): layer_ids[n] for n, p in module.named_parameters()}
+        if any(id(p) not in by_param for _, block in found for p in block.parameters()):
+            return None  # parameters outside the timm model: count blocks instead
+        top = max(layer_ids.values())
+        return [top - by_param[id(next(block.parameters()))] for _, block in found]
+    return None
 
 
 def build_param_groups(
@@ -33,8 +67,10 @@ def build_param_groups(
     """Named optimizer parameter groups.
 
     Without ``layer_decay``: one group ``"decay"`` and one ``"no_decay"`` (norm and bias tensors, unless
-    ``decay_norm_and_bias``). With ``layer_decay = ξ``: one pair per block of :func:`list_blocks`, the
-    block at distance ``d`` from the head getting ``lr·ξ^d`` (the head ``lr``). Frozen parameters are kept
+    ``decay_norm_and_bias``; parameters a timm model lists in ``no_weight_decay()`` count as norms). With
+    ``layer_decay = ξ``: one pair per block of :func:`list_blocks`, the block at distance ``d`` from the
+    head getting ``lr·ξ^d`` (the head ``lr``); on a timm model, timm's fine blocks and layer ids, so the
+    groups equal ``timm.optim.param_groups_layer_decay``'s. Frozen parameters are kept
     (they get no gradient, hence no update, and train at their group's rate once unfrozen). Each group carries ``name`` (``LearningRateMonitor`` shows it) and ``initial_lr_scale``.
 
     Example::
@@ -50,9 +86,9 @@ def build_param_groups(
     if layer_decay is None:
         sections = [("", 1.0, [p for p in model.parameters()])]
     else:
-        found = list_blocks(model, blocks=blocks, head=head)
-        depth = len(found) - 1
-        sections = [(name, layer_decay ** (depth - i), list(block.parameters())) for i, (name, block) in enumerate(found)]
+        found = list_blocks(model, blocks=blocks, head=head, fine=blocks is None)
+        levels = (_timm_levels(model, found) if blocks is None else None) or list(range(len(found) - 1, -1, -1))
+        sections = [(name, layer_decay**level, list(block.parameters())) for level, (name, block) in zip(levels, found)]
 
     groups: list[dict[str, Any]] = []
     for name, scale, params in sections:

@@ -48,3 +48,15 @@ def test_sharded_quick(tmp_path):
     text = out.read_text()
     for row in ("| plain |", "| L2SP |", "| L2SP+DTNH |"):
         assert row in text, row
+
+
+def test_accuracy_transformer_quick(tmp_path):
+    """Benchmark C end to end: a 1-epoch source ViT, both scans per target, then plain and layer decay."""
+    import accuracy_transformer
+
+    accuracy_transformer.main(["--quick", "--out", str(tmp_path)])
+    text = (tmp_path / "results.md").read_text()
+    for row in ("### close target", "### far target", "| plain |", "| layer decay |",
+                "Learning-rate scan (close)", "Depth scan (far)", "largest |as trained − re-estimated|"):
+        assert row in text, row
+    assert (tmp_path / "source_vit_1ep.pt").is_file()

@@ -15,9 +15,15 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_transfer.anatomy.heads import _close_names, final_linear, find_head, resolve_module
-from lightning_transfer.anatomy.layouts import AnatomyError, common_prefix, generic_layout, known_layout
+from lightning_transfer.anatomy.layouts import (
+    AnatomyError,
+    common_prefix,
+    generic_layout,
+    known_layout,
+    timm_layer_ids,
+)
 
-__all__ = ["AnatomyError", "BlockGroup", "find_head", "final_linear", "list_blocks", "resolve_module"]
+__all__ = ["AnatomyError", "BlockGroup", "find_head", "final_linear", "list_blocks", "resolve_module", "timm_layer_ids"]
 
 
 class BlockGroup(nn.Module):
@@ -47,7 +53,7 @@ def _match(entry: str, param_name: str) -> bool:
 
 
 def list_blocks(
-    model: nn.Module, blocks: Sequence[str] | None = None, head: str | None = None
+    model: nn.Module, blocks: Sequence[str] | None = None, head: str | None = None, fine: bool = False
 ) -> list[tuple[str, nn.Module]]:
     """List a model's blocks in forward order, the head last.
 
@@ -61,6 +67,8 @@ def list_blocks(
         blocks: Optional explicit blocks, in forward order: each a dotted module name or a regex matched
             against the start of parameter names. The head is appended when not listed.
         head: Explicit head name (see :func:`find_head`).
+        fine: For timm models, timm's fine grouping (``group_matcher(coarse=False)``: each block of a
+            stage on its own, what timm's layer-wise LR decay uses) instead of its stages.
 
     Returns:
         ``[(name, module), ...]``: a real submodule when a block is one module, else a
@@ -81,7 +89,7 @@ def list_blocks(
         prefix = ""
     else:
         inner, prefix, copies = _unwrap(model, head_name)
-        layout = [(prefix + n, r) for n, r in (known_layout(inner) or generic_layout(inner))]
+        layout = [(prefix + n, r) for n, r in (known_layout(inner, fine) or generic_layout(inner))]
         named = [(n, p) for n, p in named if not any(n.startswith(c + ".") for c in copies)]
 
     params_all = dict(model.named_parameters())

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_transfer.anatomy.hf import hf_layout
 
-__all__ = ["AnatomyError", "common_prefix", "generic_layout", "known_layout"]
+__all__ = ["AnatomyError", "common_prefix", "generic_layout", "known_layout", "timm_layer_ids"]
 
 
 class AnatomyError(ValueError):
@@ -71,19 +71,34 @@ def _lite_layout(model: nn.Module) -> list[tuple[str, str]] | None:
     return layout + [("conv_head", r"(_conv_head|_bn1)")]
 
 
-def _timm_layout(model: nn.Module) -> list[tuple[str, list[str]]] | None:
+def _timm_layout(model: nn.Module, fine: bool = False) -> list[tuple[str, list[str]]] | None:
+    """timm's own grouping (``group_matcher``): stages (coarse) or the finer groups its layer decay uses."""
     if not hasattr(model, "group_matcher"):
         return None
     try:
         from timm.models import group_parameters
     except ImportError:  # pragma: no cover - timm-like model without timm
         return None
-    groups = group_parameters(model, model.group_matcher(coarse=True))
+    groups = group_parameters(model, model.group_matcher(coarse=not fine))
     return [(f"group{i}", list(names)) for i, (_, names) in enumerate(sorted(groups.items()))]
 
 
-def known_layout(model: nn.Module) -> list[tuple[str, object]] | None:
-    return _timm_layout(model) or _lite_layout(model) or hf_layout(model) or _torchvision_layout(model)
+def timm_layer_ids(model: nn.Module) -> dict[str, int] | None:
+    """timm's layer id of each parameter (what ``param_groups_layer_decay`` scales by); ``None`` off timm.
+
+    Parameters no group matches (the head, and e.g. ``fc_norm``) share the last id, as in timm.
+    """
+    if not hasattr(model, "group_matcher"):
+        return None
+    from timm.models import group_parameters
+
+    ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    last = max(ids.values(), default=0)
+    return {n: ids.get(n, last) for n, _ in model.named_parameters()}
+
+
+def known_layout(model: nn.Module, fine: bool = False) -> list[tuple[str, object]] | None:
+    return _timm_layout(model, fine) or _lite_layout(model) or hf_layout(model) or _torchvision_layout(model)
 
 
 def common_prefix(names: Sequence[str]) -> str:
