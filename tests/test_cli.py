@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_transfer.cli import build_cli, compose_callbacks
@@ -93,3 +94,31 @@ def test_with_a_logger_the_config_is_kept_in_the_run_folder(tmp_path, monkeypatc
 
 def test_no_stray_config_is_committed_at_the_root():
     assert not (ROOT / "config.yaml").exists()
+
+
+def test_timm_vit_config_fine_tunes_by_name(tmp_path):
+    """configs/vit_timm.yaml on the quickstart task: a timm ViT by name, AdamW, layer decay (random init here)."""
+    args = ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "vit_timm.yaml"), *OFFLINE,
+            "--data.init_args.batch_size=4", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]
+    cli = build_cli(args, run=False)
+    assert type(cli.model.backbone).__name__ == "VisionTransformer" and cli.datamodule.hparams.image_size == 224
+    cli.trainer.fit_loop.max_epochs, cli.trainer.limit_train_batches, cli.trainer.limit_val_batches = 1, 1, 0
+    before = cli.model.backbone.blocks[0].attn.qkv.weight.detach().clone()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert not torch.equal(before, cli.model.backbone.blocks[0].attn.qkv.weight)
+    lrs = {g["name"]: g["lr"] for g in cli.trainer.optimizers[0].param_groups}
+    assert lrs["blocks.11|norm"] == pytest.approx(0.75 * lrs["head"])
+
+
+def test_hf_config_builds_the_named_model(tmp_path):
+    """configs/hf_vit.yaml with the hub name swapped for a local folder (no download in the tests)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    ViTForImageClassification(ViTConfig(image_size=224, patch_size=32, hidden_size=16, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
+    ViTImageProcessor().save_pretrained(tmp_path)
+    args = ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "hf_vit.yaml"),
+            f"--model.init_args.backbone=hf:{tmp_path}", "--trainer.logger=false"]
+    cli = build_cli(args, run=False)
+    assert type(cli.model.backbone).__name__ == "ViTForImageClassification"
+    assert cli.model.backbone.classifier.out_features == 10 and cli.model.hparams.layer_decay == 0.75
