@@ -73,6 +73,10 @@ ARCHITECTURES = {
     "timm_convnext_atto": (_timm("convnext_atto"), _images(64)),
     "hf_bert": (_hf("BertForSequenceClassification", "BertConfig", hidden_size=16, num_hidden_layers=2,
                     intermediate_size=32, **_TEXT), _tokens),
+    "hf_roberta": (_hf("RobertaForSequenceClassification", "RobertaConfig", hidden_size=16, num_hidden_layers=2,
+                       intermediate_size=32, **{**_TEXT, "pad_token_id": 1}), _tokens),
+    "hf_deberta_v2": (_hf("DebertaV2ForSequenceClassification", "DebertaV2Config", hidden_size=16, num_hidden_layers=2,
+                          intermediate_size=32, **_TEXT), _tokens),
     "hf_gpt2": (_hf("GPT2ForSequenceClassification", "GPT2Config", n_embd=16, n_layer=2, n_head=2, n_positions=32,
                     vocab_size=50, pad_token_id=0), _tokens),
     "hf_llama": (_hf("LlamaForSequenceClassification", "LlamaConfig", hidden_size=16, intermediate_size=32,
@@ -206,6 +210,9 @@ def test_block_names_issue_examples():
 
 HF_BLOCKS = {
     "hf_bert": ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler", "classifier"],
+    "hf_roberta": ["roberta.embeddings", "roberta.encoder.layer.0", "roberta.encoder.layer.1", "classifier.dense",
+                   "classifier.out_proj"],
+    "hf_deberta_v2": ["deberta.embeddings", "deberta.encoder.layer.0", "deberta.encoder.layer.1", "pooler", "classifier"],
     "hf_gpt2": ["transformer.wte|transformer.wpe", "transformer.h.0", "transformer.h.1", "transformer.ln_f", "score"],
     "hf_llama": ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "score"],
     "hf_vit": ["vit.embeddings", "vit.layers.0", "vit.layers.1", "vit.layernorm", "classifier"],
