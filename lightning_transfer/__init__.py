@@ -9,11 +9,14 @@ from lightning_transfer.callbacks import (
     FreezeSchedule,
     MaxEntropyHeadInit,
     RepresentationSimilarity,
+    WiSEFT,
 )
 from lightning_transfer.data import AnimalMNISTDataModule, ArrayDataModule, ImageFolderDataModule
 from lightning_transfer.model import TransferClassifier, build_backbone
 from lightning_transfer.optim import build_param_groups
+from lightning_transfer.rank import block_features, rank_depths, rank_models
 from lightning_transfer.scan import depth_scan
+from lightning_transfer.soup import greedy_soup
 
 __version__ = "0.1.0"
 
@@ -35,4 +38,9 @@ __all__ = [
     "depth_scan",
     "find_head",
     "list_blocks",
+    "WiSEFT",
+    "greedy_soup",
+    "block_features",
+    "rank_depths",
+    "rank_models",
 ]

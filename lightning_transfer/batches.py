@@ -7,6 +7,7 @@ logits tensor, a ``ModelOutput``/dict with ``logits``, or a tuple whose first el
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -43,8 +44,26 @@ def batch_labels(batch: Any) -> Tensor:
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(**inputs)`` for dict inputs (Hugging Face), else ``model(inputs)``."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    """``model(**inputs)`` for dict inputs whose keys ``forward`` takes by name (Hugging Face), else ``model(inputs)``.
+
+    A ``forward`` that takes the whole dict as one argument (``TransferClassifier.forward(x)``) gets it
+    positionally; one with ``**kwargs`` or a parameter per key gets the keys as keyword arguments.
+    """
+    if isinstance(inputs, Mapping) and _takes_keywords(model, inputs):
+        return model(**inputs)
+    return model(inputs)
+
+
+def _takes_keywords(model: nn.Module, inputs: Mapping) -> bool:
+    """Whether ``model.forward`` accepts every key of ``inputs`` as a keyword argument."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a C extension): the Hugging Face convention
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return True
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return set(inputs) <= names
 
 
 def logits_of(output: Any) -> Tensor:

@@ -193,12 +193,49 @@ def depth_scan_main(argv: list[str]) -> None:
     )
 
 
+def rank_main(argv: list[str]) -> None:
+    """``lightning-transfer rank``: see :func:`lightning_transfer.rank.rank_depths` and ``rank_models``."""
+    import argparse
+
+    from lightning_transfer.backbones import build_backbone
+    from lightning_transfer.rank import Normalized, rank_depths, rank_models, save_ranking
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-transfer rank",
+        description="Score each transfer depth of the config's model (and optionally other pre-trained models) "
+        "for its data, from features alone, before fine-tuning. Arguments not listed here go to LightningCLI.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="LightningCLI fit config (repeatable)")
+    parser.add_argument("--models", nargs="+", default=[], help="backbone names to rank too (build_backbone names)")
+    parser.add_argument("--estimators", default="logme,hscore", help="of logme,hscore (models also get leep,nce)")
+    parser.add_argument("--max-batches", type=int, default=None, help="read at most this many batches")
+    parser.add_argument("--split", default="train", choices=["train", "val"], help="which loader to score on")
+    parser.add_argument("--out", default="runs/rank", help="folder of rank.csv and rank.png (default: runs/rank)")
+    args, extra = parser.parse_known_args(argv)
+    cli = build_cli([a for c in args.config for a in ("--config", c)] + extra, run=False)
+    datamodule = cli.datamodule
+    if "augment" in getattr(datamodule, "hparams", {}):
+        datamodule.hparams.augment = False  # scores of the images as they are, reproducibly
+    estimators = [e for e in args.estimators.split(",") if e]
+    depth_rows = rank_depths(cli.model, datamodule, estimators, max_batches=args.max_batches, split=args.split)
+    candidates = {}
+    for name in args.models:
+        net, normalization = build_backbone(name, num_classes=None)  # keeps the source head: LEEP and NCE
+        candidates[name] = net if normalization is None else Normalized(net, *normalization)
+    model_rows = rank_models(candidates, datamodule, [*estimators, "leep", "nce"], max_batches=args.max_batches,
+                             split=args.split) if candidates else []
+    print(save_ranking(depth_rows, model_rows, args.out), flush=True)
+    print(f"Wrote {Path(args.out) / 'rank.csv'} and {Path(args.out) / 'rank.png'}", flush=True)
+
+
 def main() -> None:
-    """Entry point of ``lightning-transfer fit|validate|test|predict|depth-scan``."""
+    """Entry point of ``lightning-transfer fit|validate|test|predict|depth-scan|rank``."""
     import sys
 
     if len(sys.argv) > 1 and sys.argv[1] == "depth-scan":
         depth_scan_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "rank":
+        rank_main(sys.argv[2:])
     else:
         build_cli()
 

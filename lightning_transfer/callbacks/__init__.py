@@ -8,6 +8,7 @@ from lightning_transfer.callbacks.l2sp import L2SP
 from lightning_transfer.callbacks.mei import MaxEntropyHeadInit
 from lightning_transfer.callbacks.rifle import RIFLE
 from lightning_transfer.callbacks.similarity import RepresentationSimilarity
+from lightning_transfer.callbacks.wise_ft import WiSEFT
 
 __all__ = [
     "DTNH",
@@ -18,4 +19,5 @@ __all__ = [
     "L2SP",
     "MaxEntropyHeadInit",
     "RepresentationSimilarity",
+    "WiSEFT",
 ]

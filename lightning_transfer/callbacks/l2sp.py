@@ -139,6 +139,12 @@ class L2SP(GradientRegularizer):
         """``w0`` by parameter name (this rank's shard of it under sharded training)."""
         return dict(zip(self._names, self._anchors))
 
+    def anchored_names(self, pl_module: torch.nn.Module) -> list[str]:
+        """Names of the parameters whose ``w0`` this callback keeps (those ``on_fit_start`` anchors), so that
+        another callback (:class:`~lightning_transfer.WiSEFT`) can share :attr:`anchors` instead of copying."""
+        transferred, _, _ = select_parameters(pl_module, self.head, self.exclude, self.include_norm_and_bias)
+        return [n for n, _ in transferred]
+
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # validate names and the Fisher file before any step

@@ -59,8 +59,8 @@ class RepresentationSimilarity(Callback):
     (``overlap/<block>``). The history is kept and, with ``heatmap``, saved as a blocks × epochs PNG when
     fit ends (needs matplotlib).
 
-    Batches may be ``(x, y)`` tuples or dicts (Hugging Face: the model is called as ``model(**inputs)``
-    without the labels); blocks may return tensors, tuples or ModelOutputs (the first tensor: hidden
+    Batches may be ``(x, y)`` tuples or dicts (Hugging Face: the model gets the inputs without the
+    labels, as ``model(**inputs)`` or, when its ``forward`` takes the dict whole, ``model(inputs)``); blocks may return tensors, tuples or ModelOutputs (the first tensor: hidden
     states). Block outputs become ``(n, d)`` features by
     :func:`~lightning_transfer.functional.similarity.block_features`: ``(batch, tokens, hidden)`` outputs
     are **mean-pooled over tokens** (padding excluded through the batch's ``attention_mask``), since

@@ -6,6 +6,7 @@ from lightning_transfer.functional.head_init import output_entropy, reinitialize
 from lightning_transfer.functional.penalties import NORMS, group_by_device_dtype, sp_penalty_and_grad
 from lightning_transfer.functional.projection import project_conflicting
 from lightning_transfer.functional.similarity import linear_cka, neighbourhood_overlap
+from lightning_transfer.functional.transferability import hscore, leep, logme, logme_evidence, nce
 
 __all__ = [
     "NORMS",
@@ -22,4 +23,9 @@ __all__ = [
     "save_fisher",
     "sp_penalty_and_grad",
     "zero_head_",
+    "hscore",
+    "leep",
+    "logme",
+    "logme_evidence",
+    "nce",
 ]

@@ -31,6 +31,9 @@ class Model:
     layers: tuple[str, ...] = ("backbone.0", "backbone.1")
 
 
+TINY = Model()  # TinyClassifier's
+
+
 @dataclass
 class Entry:
     make: Callable[[Model], list[Callback]]
@@ -43,8 +46,9 @@ class Entry:
     module: dict = field(default_factory=dict)  # extra TinyClassifier arguments (e.g. layer_decay)
     transitions: list[int] = field(default_factory=list)  # epochs at whose start the callbacks change something
     # An independent reference: (module kwargs, callbacks) whose run must equal the entry's run, e.g. the
-    # regularizer replaced by its penalty in the loss, differentiated by autograd.
-    reference: Callable[[], tuple[dict, list[Callback]]] | None = None
+    # regularizer replaced by its penalty in the loss, differentiated by autograd. Called with no argument
+    # for TinyClassifier, or with the Model of another network (tests/contract/test_transformers.py).
+    reference: Callable[..., tuple[dict, list[Callback]]] | None = None
 
 
 def _l2sp(m: Model) -> list[Callback]:
@@ -176,14 +180,16 @@ COMBINATIONS: dict[str, Entry] = {
         yaml=[{"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.5}},
               {"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"depth": 1}}],
         transitions=[2],
-        reference=lambda: ({"extra_loss": l2sp_in_loss(1.0, 0.1)}, [FreezeSchedule(milestones={0: 2, 2: 1})]),
+        reference=lambda m=TINY: ({"extra_loss": l2sp_in_loss(1.0, 0.1, m.head or "head")},
+                                     [FreezeSchedule(milestones={0: 2, 2: 1})]),
     ),
     "DELTA+LP-FT": Entry(
         make=lambda m: [FeatureMapRegularization(list(m.layers), alpha=1.0), FreezeSchedule.lp_ft(probe_epochs=2)],
         yaml=[{"class_path": "lightning_transfer.FeatureMapRegularization", "init_args": {"layers": ["backbone.1"]}},
               {"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"milestones": {0: "all", 2: 0}}}],
         transitions=[2],
-        reference=lambda: ({"cls": FeaturePenaltyInLoss}, [FreezeSchedule.lp_ft(probe_epochs=2)]),
+        reference=lambda m=TINY: ({"cls": FeaturePenaltyInLoss, "layers": m.layers, "alpha": 1.0},
+                                     [FreezeSchedule.lp_ft(probe_epochs=2)]),
     ),
     "DTNH+DELTA+gradual": Entry(
         make=lambda m: [FeatureMapRegularization(list(m.layers), alpha=1.0), DTNH(), FreezeSchedule.gradual(every=1)],
@@ -215,7 +221,7 @@ COMBINATIONS: dict[str, Entry] = {
         make=lambda m: [L2SP(alpha=1.0, beta=0.1, head=m.head)],
         yaml=[{"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.1}}],
         module={"layer_decay": 0.5},
-        reference=lambda: ({"layer_decay": 0.5, "extra_loss": l2sp_in_loss(1.0, 0.1)}, []),
+        reference=lambda m=TINY: ({"layer_decay": 0.5, "extra_loss": l2sp_in_loss(1.0, 0.1, m.head or "head")}, []),
     ),
     "FreezeSchedule+RepresentationSimilarity": Entry(
         make=lambda m: [FreezeSchedule(milestones={0: 2, 2: 0}, head=m.head),

@@ -1,0 +1,201 @@
+"""Greedy model soups (Wortsman et al., ICML 2022) and the evaluation helpers weight-space ensembling shares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_transfer.batches import batch_inputs, batch_labels, call_model, logits_of
+from lightning_transfer.batchnorm import batchnorm_state_kept, reestimate_batchnorm
+from lightning_transfer.functional.interpolation import uniform_soup
+from lightning_transfer.validation import check_int
+
+__all__ = ["Soup", "count_correct", "greedy_soup", "has_batchnorm", "reestimate_bn"]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer with running statistics."""
+    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+@torch.no_grad()
+def count_correct(model: nn.Module, loader: Iterable, max_batches: int | None = None,
+                  rank: int = 0, world_size: int = 1) -> tuple[int, int]:
+    """``(correct, total)`` of ``argmax(logits) == labels`` over the batches ``i`` with ``i % world_size == rank``
+    (this rank's shard of the loader) among the first ``max_batches``; the model is run as it is (set eval first)."""
+    device = next(model.parameters()).device
+    correct = total = 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        if i % world_size != rank:
+            continue
+        batch = move_data_to_device(batch, device)
+        labels = batch_labels(batch)
+        logits = logits_of(call_model(model, batch_inputs(batch)))
+        correct += int((logits.argmax(-1) == labels.to(logits.device)).sum())
+        total += int(labels.numel())
+    return correct, total
+
+
+class _Inputs(dict):
+    """Dict inputs that :func:`reestimate_batchnorm` can move (they already are on the device)."""
+
+    def to(self, device: Any) -> _Inputs:
+        return self
+
+
+class _Caller(nn.Module):
+    """Runs the wrapped model on batch inputs the way the callbacks do (dict inputs by keyword)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Any) -> Any:
+        return call_model(self.model, dict(inputs) if isinstance(inputs, _Inputs) else inputs)
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> int:
+    """:func:`~lightning_transfer.batchnorm.reestimate_batchnorm` on any batch layout (tuples, dicts).
+
+    Training-mode BatchNorm layers that the forward pass does not reach (a frozen teacher or EMA copy
+    registered beside the model) keep their statistics: one probe batch finds them.
+    """
+    device = next(model.parameters()).device
+
+    def inputs() -> Iterator[Any]:
+        for batch in loader:
+            x = move_data_to_device(batch_inputs(batch), device)
+            yield _Inputs(x) if isinstance(x, Mapping) else x
+
+    caller = _Caller(model)
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    reached: set[nn.Module] = set()
+    hooks = [m.register_forward_pre_hook(lambda m, args: reached.add(m)) for m in layers]
+    try:
+        with batchnorm_state_kept(model):
+            caller(next(iter(inputs())))
+    except StopIteration:
+        raise ValueError("BatchNorm re-estimation got no batches; pass a non-empty training loader.") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    idle = [m for m in layers if m not in reached]
+    for m in idle:
+        m.training = False
+    try:
+        return reestimate_batchnorm(caller, inputs(), max_batches=max_batches)
+    finally:
+        for m in idle:
+            m.training = True
+
+
+class Soup(NamedTuple):
+    """What :func:`greedy_soup` returns: the soup's state dict and one log entry per candidate."""
+
+    state_dict: dict[str, Tensor]
+    log: list[dict[str, Any]]
+
+
+def _load_state(candidate: Mapping[str, Tensor] | str | PathLike) -> dict[str, Tensor]:
+    if isinstance(candidate, Mapping):
+        return dict(candidate)
+    path = Path(candidate)
+    if not path.is_file():
+        raise FileNotFoundError(f"greedy_soup: checkpoint {str(path)!r} does not exist.")
+    loaded = torch.load(path, map_location="cpu", weights_only=False)  # Lightning .ckpt: hyper-parameters too
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"greedy_soup: {str(path)!r} holds neither a Lightning checkpoint nor a state dict.")
+    return dict(state)
+
+
+def greedy_soup(
+    candidates: Sequence[Mapping[str, Tensor] | str | PathLike],
+    model: nn.Module,
+    val_loader: Iterable,
+    train_loader: Iterable | None = None,
+    bn_batches: int | None = None,
+) -> Soup:
+    """Greedy soup: sort candidates by validation accuracy; add each to the soup if the uniform average's
+    validation accuracy does not drop (Wortsman et al., "Model soups", ICML 2022, Recipe 1).
+
+    Candidates are state dicts or checkpoint paths (Lightning ``.ckpt`` files: their ``state_dict``) of
+    fine-tuning runs from one start, with ``model``'s architecture (``model.load_state_dict`` keys).
+    Accuracy is ``argmax(logits) == labels`` in eval mode. Where ``model`` has BatchNorm, every evaluated
+    model (each candidate and each trial soup) gets statistics re-estimated on ``train_loader`` (every
+    BatchNorm layer, in train mode; averaged statistics do not describe averaged weights). Ties keep the
+    earlier candidate (stable sort). ``model`` is left as it was; load the result yourself.
+
+    Args:
+        candidates: At least one state dict or checkpoint path.
+        model: A module to evaluate in (its weights and BatchNorm statistics are restored afterwards).
+        val_loader: Batches ``(x, y)`` or dicts with labels, for the selection.
+        train_loader: Batches for the BatchNorm re-estimation (required when ``model`` has BatchNorm).
+        bn_batches: Use at most this many ``train_loader`` batches per re-estimation (``None``: all).
+
+    Returns:
+        ``Soup(state_dict, log)``: log entries ``{"candidate", "val_acc", "soup_val_acc", "kept"}`` in the
+        greedy order; ``soup_val_acc`` is the accuracy of the soup with that candidate added.
+
+    Example::
+
+        soup, log = greedy_soup(["lr0.01.ckpt", "lr0.02.ckpt"], model, dm.val_dataloader(), dm.train_dataloader())
+        model.load_state_dict(soup)
+    """
+    if isinstance(candidates, (str, PathLike, Mapping)) or not isinstance(candidates, Sequence) or not candidates:
+        raise ValueError("greedy_soup: candidates must be a non-empty list of state dicts or checkpoint paths.")
+    if bn_batches is not None:
+        check_int("greedy_soup", "bn_batches", bn_batches, minimum=1)
+    batchnorm = has_batchnorm(model)
+    if batchnorm and train_loader is None:
+        raise ValueError("greedy_soup: the model has BatchNorm layers, whose statistics must be re-estimated for "
+                         "averaged weights; pass train_loader (batches of training data).")
+    states = [_load_state(c) for c in candidates]
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def accuracy(state: Mapping[str, Tensor]) -> float:
+        model.load_state_dict(state)
+        with batchnorm_state_kept(model):
+            if batchnorm:
+                model.train()
+                reestimate_bn(model, train_loader, bn_batches)
+            correct, total = count_correct(model.eval(), val_loader)
+        if total == 0:
+            raise ValueError("greedy_soup: val_loader yielded no examples.")
+        return correct / total
+
+    try:
+        individual = [accuracy(s) for s in states]
+        order = sorted(range(len(states)), key=lambda i: -individual[i])
+        kept, best, log = [order[0]], individual[order[0]], []
+        log.append({"candidate": order[0], "val_acc": best, "soup_val_acc": best, "kept": True})
+        for i in order[1:]:
+            trial = accuracy(uniform_soup([states[j] for j in [*kept, i]]))
+            keep = trial >= best
+            log.append({"candidate": i, "val_acc": individual[i], "soup_val_acc": trial, "kept": keep})
+            if keep:
+                kept.append(i)
+                best = trial
+        soup = uniform_soup([states[j] for j in kept])
+        if batchnorm:  # the soup with the statistics it was selected with
+            model.load_state_dict(soup)
+            with torch.random.fork_rng():
+                modes = {m: m.training for m in model.modules()}
+                model.train()
+                reestimate_bn(model, train_loader, bn_batches)
+                for m, training in modes.items():
+                    m.training = training
+            soup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    finally:
+        model.load_state_dict(original)
+    return Soup(soup, log)
