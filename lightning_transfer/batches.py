@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 __all__ = ["LABEL_KEYS", "batch_inputs", "batch_labels", "batch_size_of", "call_model", "concat_inputs",
-           "logits_of", "slice_inputs", "train_loader_of", "val_loader_of"]
+           "hidden_states_of", "logits_of", "slice_inputs", "train_loader_of", "val_loader_of"]
 
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 
@@ -79,6 +79,22 @@ def logits_of(output: Any) -> Tensor:
         raise TypeError(f"Cannot find logits in a model output of type {type(output).__name__}: return a tensor, "
                         "or a ModelOutput/dict with 'logits'.")
     return logits
+
+
+def hidden_states_of(output: Any, name: str) -> Tensor:
+    """The hidden states in a module's output: the tensor, else the first tensor of a tuple or ModelOutput
+    (a Hugging Face layer returns ``(hidden_states, ...)``). ``name`` names the module in the error."""
+    if isinstance(output, Tensor):
+        return output
+    values = list(output.values()) if isinstance(output, Mapping) else list(output) if isinstance(output, (tuple, list)) else []
+    for value in values:
+        if isinstance(value, (Tensor, Mapping, tuple, list)):
+            try:
+                return hidden_states_of(value, name)
+            except TypeError:
+                continue
+    raise TypeError(f"Block {name!r} returns a {type(output).__name__} holding no tensor; "
+                    "pass blocks= whose modules return hidden states.")
 
 
 def batch_size_of(inputs: Any) -> int:

@@ -12,9 +12,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_transfer.anatomy import find_head, list_blocks
-from lightning_transfer.batches import batch_inputs, batch_labels, call_model, logits_of
-from lightning_transfer.callbacks.similarity import _block_tensor, _output_module
+from lightning_transfer.anatomy import block_output_module, find_head, list_blocks
+from lightning_transfer.batches import batch_inputs, batch_labels, call_model, hidden_states_of, logits_of
 from lightning_transfer.functional.similarity import block_features as _token_pooled
 from lightning_transfer.functional.transferability import hscore, leep, logme, nce
 from lightning_transfer.validation import check_choice, check_int, check_strings
@@ -50,8 +49,8 @@ def _collect(model: nn.Module, loader: Iterable, modules: dict[str, nn.Module], 
 
     def hook(name: str) -> Callable:
         if pre:
-            return lambda m, args: last.__setitem__(name, _block_tensor(args, name).detach())
-        return lambda m, i, o: last.__setitem__(name, _block_tensor(o, name).detach())
+            return lambda m, args: last.__setitem__(name, hidden_states_of(args, name).detach())
+        return lambda m, i, o: last.__setitem__(name, hidden_states_of(o, name).detach())
 
     handles = [m.register_forward_pre_hook(hook(n)) if pre else m.register_forward_hook(hook(n))
                for n, m in modules.items()]
@@ -111,7 +110,7 @@ def block_features(model: nn.Module, loader: Iterable, blocks: Sequence[str] | N
     if not listed:
         raise ValueError("block_features: the model has no block before its head; nothing to score.")
     where = {id(m): n for n, m in model.named_modules()}
-    modules = {name: model.get_submodule(where[id(_output_module(b))]) for name, b in listed}
+    modules = {name: model.get_submodule(where[id(block_output_module(b))]) for name, b in listed}
     features, labels, _ = _collect(model, loader, modules, max_batches, pre=False)
     return features, labels
 

@@ -23,7 +23,7 @@ from lightning_transfer.anatomy.layouts import (
     timm_layer_ids,
 )
 
-__all__ = ["AnatomyError", "BlockGroup", "find_head", "final_linear", "list_blocks", "resolve_module", "timm_layer_ids"]
+__all__ = ["AnatomyError", "BlockGroup", "block_output_module", "find_head", "final_linear", "list_blocks", "resolve_module", "timm_layer_ids"]
 
 
 class BlockGroup(nn.Module):
@@ -41,6 +41,11 @@ class BlockGroup(nn.Module):
 
     def forward(self, *args, **kwargs):  # pragma: no cover - a block group is never called
         raise RuntimeError("A BlockGroup only groups existing modules of a model; it has no forward.")
+
+
+def block_output_module(block: nn.Module) -> nn.Module:
+    """The module whose output is the block's output: the block, or the last member of a :class:`BlockGroup`."""
+    return block.members[-1] if isinstance(block, BlockGroup) and len(block.members) else block
 
 
 def _match(entry: str, param_name: str) -> bool:

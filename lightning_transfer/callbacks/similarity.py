@@ -13,8 +13,15 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_transfer.anatomy import BlockGroup, list_blocks
-from lightning_transfer.batches import batch_inputs, batch_size_of, call_model, slice_inputs, val_loader_of
+from lightning_transfer.anatomy import block_output_module, list_blocks
+from lightning_transfer.batches import (
+    batch_inputs,
+    batch_size_of,
+    call_model,
+    hidden_states_of,
+    slice_inputs,
+    val_loader_of,
+)
 from lightning_transfer.functional.similarity import block_features, linear_cka, neighbourhood_overlap
 from lightning_transfer.validation import (
     check_choice,
@@ -27,26 +34,6 @@ from lightning_transfer.validation import (
 __all__ = ["RepresentationSimilarity", "save_heatmap"]
 
 _OWNER = "RepresentationSimilarity"
-
-
-def _output_module(block: nn.Module) -> nn.Module:
-    """The module whose output is the block's output (the last member of a group)."""
-    return block.members[-1] if isinstance(block, BlockGroup) and len(block.members) else block
-
-
-def _block_tensor(output: Any, name: str) -> Tensor:
-    """The hidden states in a block's output: the tensor, else the first tensor of a tuple or ModelOutput."""
-    if isinstance(output, Tensor):
-        return output
-    values = list(output.values()) if isinstance(output, Mapping) else list(output) if isinstance(output, (tuple, list)) else []
-    for value in values:
-        if isinstance(value, (Tensor, Mapping, tuple, list)):
-            try:
-                return _block_tensor(value, name)
-            except TypeError:
-                continue
-    raise TypeError(f"{_OWNER}: block {name!r} returns a {type(output).__name__} holding no tensor; "
-                    "pass blocks= whose modules return hidden states.")
 
 
 class RepresentationSimilarity(Callback):
@@ -116,7 +103,7 @@ class RepresentationSimilarity(Callback):
         self._names = [n for n, _ in blocks]
         # the reference copy is found by these module names (its own heads are frozen: no detection there)
         where = {id(m): n for n, m in pl_module.named_modules()}
-        self._outputs = {n: where[id(_output_module(b))] for n, b in blocks}
+        self._outputs = {n: where[id(block_output_module(b))] for n, b in blocks}
         if self.heatmap is not None:
             try:
                 import matplotlib  # noqa: F401
@@ -151,7 +138,7 @@ class RepresentationSimilarity(Callback):
         last: dict[str, Tensor] = {}
         handles = [
             model.get_submodule(self._outputs[name]).register_forward_hook(
-                lambda m, i, o, name=name: last.__setitem__(name, _block_tensor(o, name).detach())
+                lambda m, i, o, name=name: last.__setitem__(name, hidden_states_of(o, name).detach())
             )
             for name in self._names
         ]
