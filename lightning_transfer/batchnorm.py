@@ -15,8 +15,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_transfer.batches import batch_inputs, call_model
 
 __all__ = ["batchnorm_state_kept", "reestimate_batchnorm"]
 
@@ -54,10 +57,12 @@ def batchnorm_state_kept(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:
     """Replace the running statistics of every training-mode BatchNorm layer with the exact mean and
-    (unbiased) variance of its input over all samples in ``batches`` (the inputs, or ``(inputs, ...)``
-    tuples), as seen by the model in its current modes. Every sample counts equally, whatever the
-    batch sizes (PyTorch's ``momentum=None`` average weights a last batch of 4 like one of 32).
-    Eval-mode BatchNorm layers are left alone. Returns the number of re-estimated layers.
+    (unbiased) variance of its input over all samples in ``batches`` (bare inputs, ``(inputs, ...)``
+    tuples or dicts, as :mod:`lightning_transfer.batches` reads them), as seen by the model in its
+    current modes. Every sample counts equally, whatever the batch sizes (PyTorch's ``momentum=None``
+    average weights a last batch of 4 like one of 32). Eval-mode BatchNorm layers, and layers the forward
+    pass never reaches (a frozen teacher or EMA copy registered beside the network), are left alone.
+    Returns the number of re-estimated layers.
 
     Example::
 
@@ -83,17 +88,17 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int |
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
+            call_model(model, move_data_to_device(batch_inputs(batch), device))
             seen += 1
         if seen == 0:
             raise ValueError("reestimate_batchnorm got no batches; pass a non-empty loader.")
     finally:
         for h in handles:
             h.remove()
-    for m, (n, total, squares) in sums.items():
+    reached = {m: acc for m, acc in sums.items() if acc[0] > 0}
+    for m, (n, total, squares) in reached.items():
         mean = total / n
         var = (squares / n - mean.square()).clamp_min(0) * (n / max(n - 1, 1))
         m.running_mean.copy_(mean)
         m.running_var.copy_(var)
-    return len(layers)
+    return len(reached)

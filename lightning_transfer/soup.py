@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,7 +17,7 @@ from lightning_transfer.batchnorm import batchnorm_state_kept, reestimate_batchn
 from lightning_transfer.functional.interpolation import uniform_soup
 from lightning_transfer.validation import check_int
 
-__all__ = ["Soup", "count_correct", "greedy_soup", "has_batchnorm", "reestimate_bn"]
+__all__ = ["Soup", "count_correct", "greedy_soup", "has_batchnorm"]
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -43,60 +43,6 @@ def count_correct(model: nn.Module, loader: Iterable, max_batches: int | None = 
         correct += int((logits.argmax(-1) == labels.to(logits.device)).sum())
         total += int(labels.numel())
     return correct, total
-
-
-class _Inputs(dict):
-    """Dict inputs that :func:`reestimate_batchnorm` can move (they already are on the device)."""
-
-    def to(self, device: Any) -> _Inputs:
-        return self
-
-
-class _Caller(nn.Module):
-    """Runs the wrapped model on batch inputs the way the callbacks do (dict inputs by keyword)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: Any) -> Any:
-        return call_model(self.model, dict(inputs) if isinstance(inputs, _Inputs) else inputs)
-
-
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> int:
-    """:func:`~lightning_transfer.batchnorm.reestimate_batchnorm` on any batch layout (tuples, dicts).
-
-    Training-mode BatchNorm layers that the forward pass does not reach (a frozen teacher or EMA copy
-    registered beside the model) keep their statistics: one probe batch finds them.
-    """
-    device = next(model.parameters()).device
-
-    def inputs() -> Iterator[Any]:
-        for batch in loader:
-            x = move_data_to_device(batch_inputs(batch), device)
-            yield _Inputs(x) if isinstance(x, Mapping) else x
-
-    caller = _Caller(model)
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    reached: set[nn.Module] = set()
-    hooks = [m.register_forward_pre_hook(lambda m, args: reached.add(m)) for m in layers]
-    try:
-        with batchnorm_state_kept(model):
-            caller(next(iter(inputs())))
-    except StopIteration:
-        raise ValueError("BatchNorm re-estimation got no batches; pass a non-empty training loader.") from None
-    finally:
-        for h in hooks:
-            h.remove()
-    idle = [m for m in layers if m not in reached]
-    for m in idle:
-        m.training = False
-    try:
-        return reestimate_batchnorm(caller, inputs(), max_batches=max_batches)
-    finally:
-        for m in idle:
-            m.training = True
 
 
 class Soup(NamedTuple):
@@ -168,7 +114,7 @@ def greedy_soup(
         with batchnorm_state_kept(model):
             if batchnorm:
                 model.train()
-                reestimate_bn(model, train_loader, bn_batches)
+                reestimate_batchnorm(model, train_loader, bn_batches)
             correct, total = count_correct(model.eval(), val_loader)
         if total == 0:
             raise ValueError("greedy_soup: val_loader yielded no examples.")
@@ -192,7 +138,7 @@ def greedy_soup(
             with torch.random.fork_rng():
                 modes = {m: m.training for m in model.modules()}
                 model.train()
-                reestimate_bn(model, train_loader, bn_batches)
+                reestimate_batchnorm(model, train_loader, bn_batches)
                 for m, training in modes.items():
                     m.training = training
             soup = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -13,11 +13,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lightning_transfer.batches import train_loader_of, val_loader_of
-from lightning_transfer.batchnorm import batchnorm_state_kept
+from lightning_transfer.batchnorm import batchnorm_state_kept, reestimate_batchnorm
 from lightning_transfer.callbacks.base import select_parameters
 from lightning_transfer.callbacks.l2sp import L2SP
 from lightning_transfer.functional.interpolation import interpolate
-from lightning_transfer.soup import count_correct, has_batchnorm, reestimate_bn
+from lightning_transfer.soup import count_correct, has_batchnorm
 from lightning_transfer.validation import (
     check_choice,
     check_int,
@@ -195,7 +195,7 @@ class WiSEFT(Callback):
                         params[n].copy_(v)
                     if train is not None:
                         self._set_training_modes(pl_module)
-                        reestimate_bn(pl_module, train, self.bn_batches)
+                        reestimate_batchnorm(pl_module, train, self.bn_batches)
                         stats[a] = self._bn_stats(trainer, pl_module)
                     counts.append(count_correct(pl_module.eval(), val, self.val_batches,
                                                 trainer.global_rank, trainer.world_size))

@@ -19,6 +19,7 @@ from lightning_transfer import (
     FreezeSchedule,
     MaxEntropyHeadInit,
     RepresentationSimilarity,
+    WiSEFT,
 )
 from tests.helpers import TinyClassifier
 
@@ -117,6 +118,12 @@ REGISTRY: dict[str, Entry] = {
         yaml=[{"class_path": "lightning_transfer.RepresentationSimilarity", "init_args": {"probe_size": 64}}],
         bad=[(lambda: [RepresentationSimilarity(blocks=["backbone.5"])], AnatomyError, "match no parameter")],
         trainer={"limit_val_batches": 2},
+    ),
+    "WiSEFT": Entry(
+        make=lambda m: [WiSEFT(alphas=[0.0, 0.5, 1.0], head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.WiSEFT", "init_args": {"alphas": [0.0, 0.5, 1.0], "select": "best"}}],
+        bad=[(lambda: [WiSEFT(head="nope")], AnatomyError, "Unknown head"),
+             (lambda: [WiSEFT(alphas=[0.5, 1.5])], ValueError, "alphas")],
     ),
 }
 
@@ -222,6 +229,11 @@ COMBINATIONS: dict[str, Entry] = {
         yaml=[{"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.1}}],
         module={"layer_decay": 0.5},
         reference=lambda m=TINY: ({"layer_decay": 0.5, "extra_loss": l2sp_in_loss(1.0, 0.1, m.head or "head")}, []),
+    ),
+    "L2SP+WiSEFT": Entry(  # WiSE-FT interpolates toward L2SP's anchors (one copy of w0)
+        make=lambda m: [L2SP(alpha=1.0, beta=0.1, head=m.head), WiSEFT(alphas=[0.0, 0.5, 1.0], head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.1}},
+              {"class_path": "lightning_transfer.WiSEFT", "init_args": {"alphas": [0.0, 0.5, 1.0]}}],
     ),
     "FreezeSchedule+RepresentationSimilarity": Entry(
         make=lambda m: [FreezeSchedule(milestones={0: 2, 2: 0}, head=m.head),

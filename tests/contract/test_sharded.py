@@ -29,6 +29,7 @@ from lightning_transfer import (
     FreezeSchedule,
     MaxEntropyHeadInit,
     RepresentationSimilarity,
+    WiSEFT,
 )
 from lightning_transfer.functional.projection import _dots, _squared_norms, project_conflicting_
 from lightning_transfer.validation import check_strategy
@@ -37,7 +38,7 @@ from tests.contract.sharded_run import entries, extra_entries, reference
 from tests.helpers import TinyClassifier, assert_params_close
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-UNSHARDED = (FeatureMapRegularization, RepresentationSimilarity)  # need a full reference copy of the model
+UNSHARDED = (FeatureMapRegularization, RepresentationSimilarity, WiSEFT)  # need full copies of the model or w0
 
 
 def _supported(name: str) -> bool:
@@ -108,7 +109,7 @@ def test_rejected_callbacks_fail_at_setup_of_a_real_fsdp2_run(name, sharded):
     _, results = sharded
     error = results[name]["error"]
     assert error is not None and "does not support sharded training (ModelParallelStrategy / FSDP2)" in error
-    assert "reference copy" in error and "Use a single device or DDP" in error
+    assert ("reference copy" in error or "full copies" in error) and "Use a single device or DDP" in error
     assert results[name]["global_step"] == 0
 
 
@@ -126,14 +127,14 @@ def _fsdp2():
 @pytest.mark.parametrize("name", REJECTED)
 def test_callbacks_needing_a_reference_copy_are_rejected_under_fsdp2(name):
     for cb in [cb for cb in REGISTRY[name].make(Model()) if isinstance(cb, UNSHARDED)]:
-        with pytest.raises(ValueError, match=rf"{type(cb).__name__} does not support sharded training .*reference copy"):
+        with pytest.raises(ValueError, match=rf"{type(cb).__name__} does not support sharded training .*(reference copy|full copies)"):
             cb.setup(_stub(_fsdp2()), TinyClassifier(), "fit")
 
 
 ALL_CALLBACKS = [
     lambda: L2SP(), lambda: DTNH(), lambda: MaxEntropyHeadInit(), lambda: RIFLE(points=[1]),
     lambda: FreezeSchedule(depth=1), lambda: FeatureMapRegularization(["backbone.0"]),
-    lambda: RepresentationSimilarity(),
+    lambda: RepresentationSimilarity(), lambda: WiSEFT(),
 ]
 
 
