@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -38,6 +40,7 @@ SOURCE_CLASSES, CLOSE_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 DELTA_LAYERS = ["backbone.block2", "backbone.block3", "backbone.block4"]
 SPLITS = {"close": {"val_per_class": 30, "test_per_class": 200}, "far": {"val_per_class": 20, "test_per_class": 120}}
 SCAN_SEEDS = (100, 101, 102)  # depth selection: seeds disjoint from the evaluation seeds
+SCAN_LABELS = {"lr": "Learning-rate", "depth": "Depth"}
 
 
 def conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -79,38 +82,55 @@ def target_arrays(target: str) -> tuple[np.ndarray, np.ndarray]:
     return animal_subset(CLOSE_CLASSES) if target == "close" else digits()
 
 
-def source_checkpoint(out: Path, epochs: int, per_class: int | None = None) -> Path:
-    """Pre-train SmallCNN on the source classes (seed 0), once; returns the state-dict path. By default
+@dataclass(frozen=True)
+class Network:
+    """What a benchmark pre-trains and fine-tunes: a builder ``num_classes -> module``, its name in the
+    checkpoint file and in source.md, and the TransferClassifier settings of each phase."""
+
+    key: str
+    title: str
+    build: Callable[[int], nn.Module]
+    source_options: dict = field(default_factory=dict)
+    finetune_options: dict = field(default_factory=dict)
+    source_batch_size: int = 64
+
+
+CNN = Network("cnn", "SmallCNN", SmallCNN, {"lr": 0.05}, {"lr": 0.01})
+
+
+def source_checkpoint(out: Path, epochs: int, per_class: int | None = None, network: Network = CNN) -> Path:
+    """Pre-train ``network`` on the source classes (seed 0), once; returns the state-dict path. By default
     every source image but 100 validation and 50 test images per class trains it."""
-    path = out / f"source_cnn_{epochs}ep.pt"
+    path = out / f"source_{network.key}_{epochs}ep.pt"
     if path.is_file():
         return path
     pl.seed_everything(0, verbose=False)
     images, labels = animal_subset(SOURCE_CLASSES)
     per_class = per_class or int(np.bincount(labels).min()) - 150
     data = ArrayDataModule(images, labels, per_class=per_class, val_per_class=100,
-                           test_per_class=50, image_size=28, batch_size=64, seed=0)
-    model = TransferClassifier(SmallCNN(len(SOURCE_CLASSES)), num_classes=len(SOURCE_CLASSES), lr=0.05)
+                           test_per_class=50, image_size=28, batch_size=network.source_batch_size, seed=0)
+    model = TransferClassifier(network.build(len(SOURCE_CLASSES)), num_classes=len(SOURCE_CLASSES),
+                               **network.source_options)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=data)
     val = trainer.validate(model, datamodule=data, verbose=False)[0]["val_acc"]
     print(f"source model: val acc {val:.4f} on {len(SOURCE_CLASSES)} source classes", flush=True)
     torch.save(model.backbone.state_dict(), path)
-    (out / "source.md").write_text(f"Source SmallCNN, {epochs} epochs on Animal-MNIST classes {SOURCE_CLASSES}: "
+    (out / "source.md").write_text(f"Source {network.title}, {epochs} epochs on Animal-MNIST classes {SOURCE_CLASSES}: "
                                    f"val accuracy {val:.4f}.\n")
     return path
 
 
-def build_model(source: Path | None, num_classes: int, overrides: dict) -> TransferClassifier:
-    net = SmallCNN(len(SOURCE_CLASSES))
-    overrides = dict(overrides)
+def build_model(source: Path | None, num_classes: int, overrides: dict, network: Network = CNN) -> TransferClassifier:
+    net = network.build(len(SOURCE_CLASSES))
+    overrides = {**network.finetune_options, **overrides}
     if overrides.pop("pretrained", True) and source is not None:
         net.load_state_dict(torch.load(source, weights_only=True))
-    return TransferClassifier(net, num_classes=num_classes, lr=0.01, **overrides)
+    return TransferClassifier(net, num_classes=num_classes, **overrides)
 
 
-def make_run(target: str, source: Path, args, table: dict):
+def make_run(target: str, source: Path, args, table: dict, network: Network = CNN):
     images, labels = target_arrays(target)
     num_classes = int(labels.max()) + 1
 
@@ -119,7 +139,7 @@ def make_run(target: str, source: Path, args, table: dict):
         pl.seed_everything(seed, verbose=False)
         data = ArrayDataModule(images, labels, per_class=per_class, image_size=28, batch_size=16, seed=seed,
                                augment=False, **(SPLITS[target] if not args.quick else {"val_per_class": 3, "test_per_class": 5}))
-        model = build_model(source, num_classes, overrides)
+        model = build_model(source, num_classes, overrides, network)
         return accuracy.fit_and_test(model, data, make_callbacks(), args.epochs,
                                      curves=method in accuracy.CURVE_METHODS, final_val=method.startswith("scan "))
 
@@ -127,13 +147,30 @@ def make_run(target: str, source: Path, args, table: dict):
     return run
 
 
+def run_scan(path: Path, target: str, table: dict, runner, args) -> list[dict]:
+    """Run the selection runs ``table`` (names ``"scan <what> <value>"``) on the scan seeds; all rows."""
+    return accuracy.run_missing(path, "target", [target], SCAN_SEEDS[: 1 if args.quick else 3], list(table),
+                                _per_class(runner, args.per_class))
+
+
+def scan_means(rows: list[dict], target: str, what: str) -> dict[str, float]:
+    """value -> mean final validation accuracy (BN re-estimated) of the ``"scan <what> <value>"`` runs."""
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        if r["target"] == target and r["method"].startswith(f"scan {what} "):
+            by.setdefault(r["method"].split()[-1], []).append(float(r["val_curve_bn"].split(";")[-1]))
+    return {value: statistics.fmean(accs) for value, accs in by.items()}
+
+
 def best_depth(rows: list[dict], target: str) -> int:
     """Depth with the best mean final validation accuracy (BN re-estimated) over the scan seeds."""
-    by: dict[int, list[float]] = {}
-    for r in rows:
-        if r["target"] == target and r["method"].startswith("scan depth "):
-            by.setdefault(int(r["method"].split()[-1]), []).append(float(r["val_curve_bn"].split(";")[-1]))
-    return max(by, key=lambda d: (statistics.fmean(by[d]), -d))
+    means = scan_means(rows, target, "depth")
+    return max((int(d) for d in means), key=lambda d: (means[str(d)], -d))
+
+
+def depth_scan_table(depths) -> dict:
+    """The depth-scan runs: ``"scan depth <d>"`` -> (no overrides, ``FreezeSchedule(depth=d)``)."""
+    return {f"scan depth {d}": ({}, (lambda d=d: [FreezeSchedule(depth=d)])) for d in depths}
 
 
 def main(argv=None):
@@ -159,12 +196,8 @@ def main(argv=None):
     for target in args.targets:
         if args.report_only:
             break
-        depths = (0, 4) if args.quick else range(5)
-        scan = {f"scan depth {d}": ({}, (lambda d=d: [FreezeSchedule(depth=d)])) for d in depths}
-        runner = make_run(target, source, args, scan)
-        rows = accuracy.run_missing(path, "target", [target], SCAN_SEEDS[: 1 if args.quick else 3],
-                                    list(scan), _per_class(runner, args.per_class))
-        depth = best_depth(rows, target)
+        scan = depth_scan_table((0, 4) if args.quick else range(5))
+        depth = best_depth(run_scan(path, target, scan, make_run(target, source, args, scan), args), target)
         table = accuracy.methods(args.epochs, depth, DELTA_LAYERS)
         table[f"depth {depth} (scan)"] = table.pop(f"depth {depth}")
         chosen = args.methods.split(",") if args.methods else list(table)
@@ -184,19 +217,26 @@ def _per_class(run, per_class: int):
 
 def write_report(rows: list[dict], out: Path, args) -> None:
     rows = [r for r in rows if r["epochs"] == str(args.epochs)]
-    lines = ["# Benchmark B: controlled source-target similarity", "",
-             (out / "source.md").read_text().strip() if (out / "source.md").is_file() else "", "",
-             f"Targets: *close* = Animal-MNIST classes {CLOSE_CLASSES}, *far* = scikit-learn digits (8×8, "
-             f"upsampled to 28×28); {args.per_class} training images per class, {args.epochs} epochs, SGD lr 0.01, "
-             "batch 16. The fixed depth was chosen per target on validation accuracy (seeds 100-102).",
-             f"Reproduce: `python benchmarks/accuracy_controlled.py --seeds "
-             f"{len({r['seed'] for r in rows if not r['method'].startswith('scan ')})} --epochs {args.epochs}`", ""]
+    header = [f"Targets: *close* = Animal-MNIST classes {CLOSE_CLASSES}, *far* = scikit-learn digits (8×8, "
+              f"upsampled to 28×28); {args.per_class} training images per class, {args.epochs} epochs, SGD lr 0.01, "
+              "batch 16. The fixed depth was chosen per target on validation accuracy (seeds 100-102)."]
+    save_report("# Benchmark B: controlled source-target similarity", header, "accuracy_controlled.py", rows, out, args)
+
+
+def save_report(title: str, header: list[str], script: str, rows: list[dict], out: Path, args,
+                scans: tuple[str, ...] = ("depth",)) -> None:
+    """results.md (source line, ``header``, reproduce command, per target: scan lines and the paired
+    table) and, unless quick, paired_diffs.png."""
+    seeds = len({r["seed"] for r in rows if not r["method"].startswith("scan ")})
+    lines = [title, "", (out / "source.md").read_text().strip() if (out / "source.md").is_file() else "", "",
+             *header, f"Reproduce: `python benchmarks/{script} --seeds {seeds} --epochs {args.epochs}`", ""]
     for target in ("close", "far"):
-        scan = sorted({r["method"] for r in rows if r["target"] == target and r["method"].startswith("scan ")})
-        if scan:
-            lines.append(f"Depth scan ({target}): " + ", ".join(
-                f"{m.split()[-1]}: {statistics.fmean(float(r['val_curve_bn'].split(';')[-1]) for r in rows if r['target'] == target and r['method'] == m):.3f}"
-                for m in scan) + " (mean final val acc, BN re-estimated)\n")
+        for what in scans:
+            means = scan_means(rows, target, what)
+            if means:
+                lines.append(f"{SCAN_LABELS.get(what, what.capitalize())} scan ({target}): " + ", ".join(
+                    f"{value}: {means[value]:.3f}" for value in sorted(means, key=float))
+                    + " (mean final val acc, BN re-estimated)\n")
         evaluated = [r for r in rows if r["target"] == target and not r["method"].startswith("scan ")]
         if evaluated:
             lines += accuracy.paired_summary(evaluated, target, f"{target} target", by="target")
