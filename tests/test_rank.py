@@ -126,7 +126,8 @@ def test_rank_command_writes_table_csv_and_plot_offline(tmp_path, monkeypatch, c
 
     out = tmp_path / "rank"
     monkeypatch.setattr(sys, "argv", ["lightning-transfer", "rank", "--config", "configs/quickstart.yaml",
-                                      "--models", "efficientnet_lite0", "--max-batches", "1", "--out", str(out),
+                                      "--models", "efficientnet_lite0", "efficientnet_lite2", "--max-batches", "1",
+                                      "--out", str(out),
                                       "--data.init_args.batch_size=20", "--data.init_args.image_size=32"])
     main()
     with (out / "rank.csv").open() as f:
@@ -134,8 +135,9 @@ def test_rank_command_writes_table_csv_and_plot_offline(tmp_path, monkeypatch, c
     depths = [r for r in rows if r["kind"] == "depth"]
     assert [int(r["depth"]) for r in depths] == list(range(1, 10))  # EfficientNet-Lite0: 9 blocks before the head
     assert all(float(r["logme"]) == float(r["logme"]) for r in depths)  # numbers, not NaN
-    model_row = next(r for r in rows if r["kind"] == "model")
-    assert model_row["name"] == "efficientnet_lite0" and model_row["dim"] == "1280"
-    assert float(model_row["leep"]) < 0 and float(model_row["nce"]) <= 0  # the ImageNet head was used
+    models = [r for r in rows if r["kind"] == "model"]
+    assert [r["name"] for r in models] == ["efficientnet_lite0", "efficientnet_lite2"]  # offline weights, both
+    assert all(r["dim"] == "1280" for r in models) and models[0]["logme"] != models[1]["logme"]
+    assert all(float(r["leep"]) < 0 and float(r["nce"]) <= 0 for r in models)  # the ImageNet heads were used
     assert (out / "rank.png").stat().st_size > 1000
     assert "backbone._blocks.15" in capsys.readouterr().out
