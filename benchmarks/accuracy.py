@@ -43,6 +43,7 @@ from lightning_transfer import (  # noqa: E402
     TransferClassifier,
 )
 from lightning_transfer.batchnorm import batchnorm_state_kept, reestimate_batchnorm  # noqa: E402
+from lightning_transfer.soup import count_correct  # noqa: E402
 
 DELTA_LAYERS = ["backbone._blocks.7", "backbone._blocks.14", "backbone._blocks.15"]
 CURVE_METHODS = ("plain", "MEI")  # per-epoch curves: the convergence comparison the issue asks for
@@ -68,14 +69,9 @@ def methods(epochs: int, best_depth: int, delta_layers: list[str] = DELTA_LAYERS
     }
 
 
-@torch.no_grad()
 def accuracy_of(model, loader) -> float:
-    model.eval()
-    hits = total = 0
-    for x, y in loader:
-        hits += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
-    return hits / total
+    correct, total = count_correct(model.eval(), loader)
+    return correct / total
 
 
 def accuracy_bn_reestimated(model, train_loader, loader, max_batches: int = 32) -> float:

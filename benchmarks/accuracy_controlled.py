@@ -173,23 +173,32 @@ def depth_scan_table(depths) -> dict:
     return {f"scan depth {d}": ({}, (lambda d=d: [FreezeSchedule(depth=d)])) for d in depths}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_target_arguments(argv, description: str, *, source_epochs: int, out: str, quick_methods: str,
+                           **defaults) -> tuple[argparse.Namespace, Path]:
+    """The command line of a source -> close/far target benchmark (B, C): arguments, and the output folder
+    (created). ``--quick`` shrinks everything to a smoke run; ``defaults`` override the common ones."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     accuracy.add_common_arguments(parser)
-    parser.set_defaults(epochs=30)
+    parser.set_defaults(epochs=30, **defaults)
     parser.add_argument("--targets", nargs="+", default=["close", "far"], choices=["close", "far"])
     parser.add_argument("--per-class", type=int, default=10)
-    parser.add_argument("--source-epochs", type=int, default=8)
-    parser.add_argument("--out", default="benchmarks/results/accuracy_controlled")
+    parser.add_argument("--source-epochs", type=int, default=source_epochs)
+    parser.add_argument("--out", default=out)
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, 2 methods, 1-epoch source")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.source_epochs, args.per_class = 1, 1, 1, 2
-        args.methods = args.methods or "plain,MEI"
+        args.methods = args.methods or quick_methods
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return args, folder
+
+
+def main(argv=None):
+    args, out = parse_target_arguments(argv, __doc__, source_epochs=8, out="benchmarks/results/accuracy_controlled",
+                                       quick_methods="plain,MEI")
     source = source_checkpoint(out, args.source_epochs, per_class=20 if args.quick else None)
     path = out / "runs.csv"
     seeds = range(args.first_seed, args.first_seed + args.seeds)

@@ -23,12 +23,10 @@ once the checkpoint exists.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -92,22 +90,9 @@ def run_target(target: str, source: Path, path: Path, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    accuracy.add_common_arguments(parser)
-    parser.set_defaults(epochs=30, seeds=5)
-    parser.add_argument("--targets", nargs="+", default=["close", "far"], choices=["close", "far"])
-    parser.add_argument("--per-class", type=int, default=10)
-    parser.add_argument("--source-epochs", type=int, default=60)
-    parser.add_argument("--out", default="benchmarks/results/accuracy_transformer")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, 2 methods, 1-epoch source")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds, args.epochs, args.source_epochs, args.per_class = 1, 1, 1, 2
-        args.methods = args.methods or "plain,layer decay"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = controlled.parse_target_arguments(argv, __doc__, source_epochs=60, seeds=5,
+                                                  out="benchmarks/results/accuracy_transformer",
+                                                  quick_methods="plain,layer decay")
     source = controlled.source_checkpoint(out, args.source_epochs, per_class=20 if args.quick else None, network=VIT)
     path = out / "runs.csv"
     for target in [] if args.report_only else args.targets:
