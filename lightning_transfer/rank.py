@@ -109,8 +109,7 @@ def block_features(model: nn.Module, loader: Iterable, blocks: Sequence[str] | N
     listed = list_blocks(model, blocks)[:-1]
     if not listed:
         raise ValueError("block_features: the model has no block before its head; nothing to score.")
-    where = {id(m): n for n, m in model.named_modules()}
-    modules = {name: model.get_submodule(where[id(block_output_module(b))]) for name, b in listed}
+    modules = {name: block_output_module(b) for name, b in listed}
     features, labels, _ = _collect(model, loader, modules, max_batches, pre=False)
     return features, labels
 

@@ -183,8 +183,9 @@ class WiSEFT(Callback):
         w0 = self.pretrained()
         params = dict(pl_module.named_parameters())
         w_ft = {n: params[n].detach().clone() for n in w0}
-        val, train = val_loader_of(trainer), train_loader_of(trainer) if has_batchnorm(pl_module) else None
-        if has_batchnorm(pl_module) and train is None:
+        batchnorm = has_batchnorm(pl_module)
+        val, train = val_loader_of(trainer), train_loader_of(trainer) if batchnorm else None
+        if batchnorm and train is None:
             raise ValueError(f"{_OWNER}: the model has BatchNorm, whose statistics are re-estimated for each "
                              "interpolation from the training loader, and none was found.")
         counts, stats = [], {}
