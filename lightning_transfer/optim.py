@@ -33,7 +33,7 @@ def _declared_no_weight_decay(model: nn.Module) -> set[int]:
     ids: set[int] = set()
     for module in model.modules():
         declared = getattr(module, "no_weight_decay", None)
-        if not callable(declared) or isinstance(module, nn.Parameter):
+        if not callable(declared):
             continue
         patterns = set(declared())
         ids |= {id(p) for n, p in module.named_parameters()
