@@ -8,11 +8,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from lightning_transfer.assets import load_animal_mnist
 
-__all__ = ["AnimalMNISTDataModule", "ArrayDataModule", "ImageFolderDataModule", "few_shot_splits", "stratified_split"]
+__all__ = [
+    "AnimalMNISTDataModule",
+    "ArrayDataModule",
+    "ImageFolderDataModule",
+    "SeededEpochSampler",
+    "few_shot_splits",
+    "stratified_split",
+]
 
 ANIMAL_MNIST_CLASSES = 10
 
@@ -40,25 +47,65 @@ def stratified_split(labels: np.ndarray, sizes: list[int | None], seed: int) -> 
 
 
 class _TensorImages(Dataset):
-    """Grayscale uint8 images resized once to ``size``, served as 3-channel float tensors in [0, 1]."""
+    """Grayscale uint8 images resized once to ``size``, served as 3-channel float tensors in [0, 1].
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, size: int, augment: bool = False):
+    An index is an int, or ``(int, flip)`` from :class:`SeededEpochSampler` (flip the image horizontally).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, size: int):
         x = torch.from_numpy(images).unsqueeze(1).float()
         if size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         self.images = x.clamp(0, 255).round().to(torch.uint8)
         self.labels = torch.from_numpy(labels)
         self.targets = labels.tolist()
-        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, bool]):
+        i, flip = key if isinstance(key, tuple) else (key, False)
         x = self.images[i].float().div(255.0).expand(3, -1, -1)
-        if self.augment and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return (x.flip(-1) if flip else x), self.labels[i]
+
+
+class SeededEpochSampler(Sampler):
+    """Training order (and horizontal flips) as a function of ``(seed, epoch)`` only.
+
+    A ``shuffle=True`` DataLoader draws its order from the global RNG, which validation loaders,
+    head re-initializations and evaluation also draw from: two runs of one seed that evaluate
+    differently would see different batches from the second epoch on. This sampler has its own
+    generator per epoch, so every method run on one seed sees the same batches, and a run resumed at an
+    epoch boundary continues the same stream. Lightning calls :meth:`set_epoch` before each training
+    epoch; iterated again without it, the sampler moves on to the next epoch's stream.
+
+    Args:
+        size: Number of examples.
+        seed: Seed of the stream.
+        flips: Yield ``(index, flip)`` pairs with a random horizontal flip per example (for
+            ``_TensorImages``) instead of plain indices.
+    """
+
+    def __init__(self, size: int, seed: int, flips: bool = False) -> None:
+        self.size, self.seed, self.flips = size, seed, flips
+        self.epoch, self._epoch_given = 0, False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._epoch_given = epoch, True
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if not self._epoch_given:
+            self.epoch += 1
+        self._epoch_given = False
+        if not self.flips:
+            return iter(order)
+        flips = (torch.rand(self.size, generator=generator) < 0.5).tolist()
+        return iter([(i, bool(flips[i])) for i in order])
 
 
 class _SplitDataModule(LightningDataModule):
@@ -66,11 +113,19 @@ class _SplitDataModule(LightningDataModule):
 
     _splits: dict[str, Dataset]
 
+    @property
+    def _flips(self) -> bool:
+        """Random horizontal flips drawn by the training sampler (in-memory images only)."""
+        return bool(self.hparams.augment) and isinstance(self._splits.get("train"), _TensorImages)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         if split not in self._splits:
             raise ValueError(f"{type(self).__name__} has no {split!r} split.")
-        return DataLoader(self._splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+        dataset = self._splits[split]
+        # training: order (and flips of in-memory images) from (seed, epoch) only, never the global RNG
+        sampler = SeededEpochSampler(len(dataset), self.hparams.seed, flips=self._flips) if shuffle else None
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -98,7 +153,8 @@ class AnimalMNISTDataModule(_SplitDataModule):
         test_per_class: Test images per class.
         image_size: Side of the square input.
         batch_size: Batch size of every loader.
-        seed: Seed of the split (and of nothing else).
+        seed: Seed of the split and of the training stream (order and flips by epoch,
+            :class:`SeededEpochSampler`), which the global RNG does not touch.
         augment: Random horizontal flips for training.
         num_workers: DataLoader workers.
 
@@ -150,7 +206,7 @@ def few_shot_splits(images: np.ndarray, labels: np.ndarray, hp) -> dict[str, Dat
     train = pool[train]
     size = hp.image_size
     return {
-        "train": _TensorImages(images[train], labels[train], size, augment=hp.augment),
+        "train": _TensorImages(images[train], labels[train], size),
         "val": _TensorImages(images[val], labels[val], size),
         "test": _TensorImages(images[test], labels[test], size),
     }
@@ -167,7 +223,8 @@ class ArrayDataModule(_SplitDataModule):
         test_per_class: Test images per class.
         image_size: Side of the square input.
         batch_size: Batch size of every loader.
-        seed: Seed of the split (and of nothing else).
+        seed: Seed of the split and of the training stream (order and flips by epoch,
+            :class:`SeededEpochSampler`), which the global RNG does not touch.
         augment: Random horizontal flips for training.
         num_workers: DataLoader workers.
 
@@ -219,7 +276,7 @@ class ImageFolderDataModule(_SplitDataModule):
         val_fraction: Share of ``root`` held out for validation when ``val_root`` is not given.
         image_size: Side of the square input.
         batch_size: Batch size.
-        seed: Seed of the split.
+        seed: Seed of the split and of the training order (:class:`SeededEpochSampler`).
         augment: Random horizontal flips and resized crops for training.
         num_workers: DataLoader workers.
 

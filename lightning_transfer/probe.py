@@ -1,0 +1,91 @@
+"""Linear probe on a network's own features: the baseline every fine-tuning method must beat, and the
+"LP" of LP-FT done as its paper intends (probe to convergence on cached features, then fine-tune).
+
+The features are the input of the head's final linear layer (what the network's classifier sees),
+computed once in eval mode; :mod:`lightning_transfer.functional.linear_probe` fits the probe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor, nn
+
+from lightning_transfer.anatomy import final_linear, find_head
+from lightning_transfer.batches import batch_inputs, batch_labels, call_model
+from lightning_transfer.functional.linear_probe import DEFAULT_L2_GRID, ProbeFit, select_linear_probe
+
+__all__ = ["head_features", "linear_probe", "set_head_from_probe_"]
+
+
+@torch.no_grad()
+def head_features(model: nn.Module, loader: Iterable, head: str | None = None,
+                  max_batches: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(features (N, D), labels (N,))``: the input of the head's final linear layer for every example
+    of ``loader`` (tuple or dict batches), with the model in eval mode; its modes are restored after.
+
+    Example::
+
+        feats, labels = head_features(model, datamodule.val_dataloader())
+    """
+    layer = final_linear(find_head(model, head)[1])
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"A linear probe needs a Linear final head layer; this head ends in {type(layer).__name__}.")
+    captured: list[Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach().flatten(0, -2)))
+    modes = {m: m.training for m in model.modules()}
+    device = next(model.parameters()).device
+    labels = []
+    try:
+        model.eval()
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = move_data_to_device(batch, device)
+            call_model(model, batch_inputs(batch))
+            labels.append(batch_labels(batch).reshape(-1).cpu())
+    finally:
+        hook.remove()
+        for m, training in modes.items():
+            m.training = training
+    if not captured:
+        raise ValueError("The loader yielded no batches: no features to probe.")
+    feats = torch.cat(captured).float().cpu()
+    y = torch.cat(labels)
+    if len(feats) != len(y):
+        raise ValueError(f"The head saw {len(feats)} feature rows for {len(y)} labels: probe a sequence "
+                         "classifier whose head gets one pooled vector per example.")
+    return feats, y
+
+
+def linear_probe(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
+                 l2_grid: Sequence[float] = DEFAULT_L2_GRID, head: str | None = None) -> ProbeFit:
+    """Fit a linear probe to convergence on the model's cached head features of ``train_loader``, the
+    L2 strength chosen on ``val_loader``. The number of classes is the head's output size.
+
+    Pass loaders without augmentation: each image's features are computed once.
+
+    Example::
+
+        fit = linear_probe(model, dm.train_dataloader(), dm.val_dataloader())
+        set_head_from_probe_(model, fit)   # LP-FT: fine-tune from the converged probe
+    """
+    layer = final_linear(find_head(model, head)[1])
+    train_x, train_y = head_features(model, train_loader, head)
+    val_x, val_y = head_features(model, val_loader, head)
+    return select_linear_probe(train_x, train_y, val_x, val_y, layer.out_features, l2_grid)
+
+
+@torch.no_grad()
+def set_head_from_probe_(model: nn.Module, fit: ProbeFit, head: str | None = None) -> None:
+    """Copy a probe's weight and bias into the head's final linear layer (the LP of LP-FT)."""
+    layer = final_linear(find_head(model, head)[1])
+    if tuple(layer.weight.shape) != tuple(fit.weight.shape):
+        raise ValueError(f"The probe's weight {tuple(fit.weight.shape)} does not fit the head layer's {tuple(layer.weight.shape)}.")
+    layer.weight.copy_(fit.weight.to(layer.weight))
+    if layer.bias is not None:
+        layer.bias.copy_(fit.bias.to(layer.bias))
+    elif fit.bias.abs().max() > 0:
+        raise ValueError("The head layer has no bias; the probe's bias cannot be copied into it.")
