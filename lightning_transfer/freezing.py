@@ -13,13 +13,16 @@ from collections.abc import Mapping, Sequence, Set
 from numbers import Integral
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lightning_transfer.batches import batch_inputs, batch_labels, call_model, logits_of
+from lightning_transfer.batchnorm import batchnorm_state_kept
 from lightning_transfer.validation import check_int
 
-__all__ = ["check_depth", "check_milestones", "depth_at", "freeze_blocks", "gradual_milestones",
-           "set_frozen_bn_eval", "user_frozen_ids"]
+__all__ = ["accuracy_across_unfreeze", "check_depth", "check_milestones", "depth_at", "freeze_blocks",
+           "gradual_milestones", "set_frozen_bn_eval", "trains_batchnorm", "user_frozen_ids"]
 
 ALL = "all"
 
@@ -139,3 +142,34 @@ def set_frozen_bn_eval(
         for m in block.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and not _is_users(m, user_frozen):
                 m.eval()
+
+
+def trains_batchnorm(blocks: Sequence[tuple[str, nn.Module]], user_frozen: Set[int] = frozenset()) -> bool:
+    """Whether any block holds a BatchNorm layer with running statistics that is not the user's."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and not _is_users(m, user_frozen)
+               for _, block in blocks for m in block.modules())
+
+
+@torch.no_grad()
+def accuracy_across_unfreeze(model: nn.Module, batch: Any, blocks: Sequence[tuple[str, nn.Module]], before: int,
+                             bn: str, user_frozen: Set[int] = frozenset()) -> tuple[float, float] | None:
+    """Accuracy on ``batch`` with the modes of the depth ``before`` an unfreeze, and with the current
+    modes (after it): what the switch does to the trained head, e.g. BatchNorm moving from running to
+    batch statistics. Same dropout masks for both; statistics, modes and RNG are left as they were.
+    ``None`` for a batch without labels."""
+    try:
+        labels = batch_labels(batch)
+    except ValueError:
+        return None
+    inputs = batch_inputs(batch)
+    accuracies = []
+    with batchnorm_state_kept(model):
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        for step in ("after", "before"):
+            if step == "before":
+                set_frozen_bn_eval(blocks, before, bn, user_frozen)
+            torch.manual_seed(seed)
+            logits = logits_of(call_model(model, inputs))
+            accuracies.append(float((logits.argmax(-1) == labels.to(logits.device)).float().mean()))
+    after_acc, before_acc = accuracies
+    return before_acc, after_acc

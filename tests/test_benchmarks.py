@@ -60,3 +60,20 @@ def test_accuracy_transformer_quick(tmp_path):
                 "Learning-rate scan (close)", "Depth scan (far)", "largest |as trained − re-estimated|"):
         assert row in text, row
     assert (tmp_path / "source_vit_1ep.pt").is_file()
+
+
+def test_tuned_same_seed_gives_the_same_numbers_and_records_how_it_ran(tmp_path):
+    """Determinism: two runs of one seed agree exactly, to the test loss; each row says how it ran."""
+    import csv
+
+    import tuned
+
+    rows = []
+    for run in ("first", "second"):
+        tuned.main(["--quick", "--methods", "plain", "--out", str(tmp_path / run)])
+        rows.append(list(csv.DictReader(open(tmp_path / run / "runs.csv"))))
+    assert len(rows[0]) == 4  # the four learning rates of plain fine-tuning
+    measured = ("setting", "val_acc", "test_acc", "test_loss", "probe_val_acc", "probe_test_acc", "probe_l2")
+    assert [[r[k] for k in measured] for r in rows[0]] == [[r[k] for k in measured] for r in rows[1]]
+    assert all(r["threads"] == "1" and r["deterministic"] == "True" and r["torch"] for r in rows[0])
+    assert "| plain | lr " in (tmp_path / "first" / "results.md").read_text()

@@ -80,7 +80,7 @@ def test_frozen_parameters_not_moved_by_momentum_or_weight_decay():
 def test_lp_ft_and_gradual_transitions():
     blocks_of = list_blocks
     rec = Record(blocks_of)
-    trainer = quiet_trainer(max_epochs=4, callbacks=[FreezeSchedule.lp_ft(probe_epochs=2), rec])
+    trainer = quiet_trainer(max_epochs=4, callbacks=[FreezeSchedule.lp_ft(probe_epochs=2, bn="eval"), rec])
     trainer.fit(TinyClassifier())
     assert float(trainer.callback_metrics["freeze/depth"]) == 0.0
     assert float(trainer.callback_metrics["freeze/trainable_params"]) == sum(p.numel() for p in TinyClassifier().parameters())
@@ -252,7 +252,7 @@ def state_of(module):
 def test_user_frozen_block_is_never_thawed_and_the_rest_trains_as_without_it(schedule, user, other, until):
     # block `user` frozen by the user (block 0 holds a BatchNorm: its mode stays the user's, i.e. train);
     # FreezeSchedule freezes block `other` until epoch `until` and must never touch block `user`
-    callback = FreezeSchedule.lp_ft(probe_epochs=1) if schedule == "lp_ft" else FreezeSchedule.gradual(every=1)
+    callback = FreezeSchedule.lp_ft(probe_epochs=1, bn="eval") if schedule == "lp_ft" else FreezeSchedule.gradual(every=1)
     model = tiny_with_user_frozen(user)
     start = params_of(model)
     rec = Record(list_blocks)
@@ -410,3 +410,57 @@ NAN, INF = float("nan"), float("inf")
 def test_invalid_arguments_are_rejected_in_init_naming_the_argument(make, argument):
     with pytest.raises((TypeError, ValueError), match=argument):
         make()
+
+
+# --- LP-FT and BatchNorm: the probe must survive the unfreeze (issue #17) ------------------------------
+
+class CheckSwitchAccuracy(Callback):
+    """At the first step of the unfreeze epoch (after FreezeSchedule set the modes), the accuracy of the
+    batch with the probe's BatchNorm modes and with the fine-tuning modes, computed independently on
+    copies of the model; compared with what FreezeSchedule logged for that step."""
+
+    def __init__(self, epoch):
+        self.epoch, self.expected, self.logged = epoch, None, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch != self.epoch or batch_idx != 0:
+            return
+        x, y = batch
+        import copy
+
+        after = copy.deepcopy(pl_module)
+        before = copy.deepcopy(pl_module)
+        before.backbone[0][1].eval()  # the probe's mode of the only BatchNorm (block 0)
+        with torch.no_grad():
+            self.expected = tuple(float((m(x).argmax(1) == y).float().mean()) for m in (before, after))
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_lp_ft_logs_the_accuracy_just_before_and_after_the_unfreeze(bn, tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    check = CheckSwitchAccuracy(epoch=2)
+    model = TinyClassifier(batch_size=32)  # 2 steps per epoch: the switch is step 4
+    quiet_trainer(max_epochs=4, callbacks=[FreezeSchedule.lp_ft(probe_epochs=2, bn=bn), check],
+                  logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1).fit(model)
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("freeze/acc_before_unfreeze")]
+    # logged at the first step after the switch (Lightning repeats a step value until the epoch ends)
+    assert min(int(r["step"]) for r in rows) == 4 and {int(r["epoch"]) for r in rows} == {2}
+    before, after = float(rows[0]["freeze/acc_before_unfreeze"]), float(rows[0]["freeze/acc_after_unfreeze"])
+    if bn == "eval":
+        assert (before, after) == pytest.approx(check.expected)
+    else:  # the probe already trained on batch statistics: nothing changes at the switch
+        assert before == after == pytest.approx(check.expected[1])
+
+
+def test_lp_ft_warns_when_bn_eval_would_throw_the_probe_away(recwarn):
+    with pytest.warns(UserWarning, match=r"LP-FT\) with bn='eval' on a network with BatchNorm.*Use bn='train'"):
+        quiet_trainer(max_epochs=2, callbacks=[FreezeSchedule.lp_ft(1, bn="eval")]).fit(TinyClassifier())
+    recwarn.clear()
+    quiet_trainer(max_epochs=2, callbacks=[FreezeSchedule.lp_ft(1)]).fit(TinyClassifier())  # default: bn="train"
+    quiet_trainer(max_epochs=2, callbacks=[FreezeSchedule.lp_ft(1, bn="eval")]).fit(TinyClassifier(norm=False))
+    quiet_trainer(max_epochs=2, callbacks=[FreezeSchedule(depth="all", bn="eval")]).fit(TinyClassifier())
+    assert not [w for w in recwarn if "LP-FT" in str(w.message)]
+    assert FreezeSchedule.lp_ft(1).bn == "train"

@@ -197,6 +197,33 @@ def test_rifle_step_interval_and_zero_init():
     assert torch.count_nonzero(trace[rifle.schedule[0]]) == 0
 
 
+@pytest.mark.parametrize(("make", "trainer_args", "after"), [
+    (lambda: RIFLE(points=[3], min_epochs_after=1, min_steps_after_last=9), {"max_epochs": 6}, 12),  # 4 steps/epoch
+    (lambda: RIFLE(points=[3], min_epochs_after=1, min_steps_after_last=6), {"max_epochs": 6, "accumulate_grad_batches": 2}, 6),
+    (lambda: RIFLE(points=[5], interval="step", min_steps_after_last=12), {"max_steps": 16}, 11),
+])
+def test_rifle_out_of_regime_warns_with_the_steps_after_the_last_reinit(make, trainer_args, after, recwarn):
+    """Counted independently: optimizer steps from the last re-init to the end, per the trainer's own step count."""
+    rifle, seen = make(), {}
+
+    class CountSteps(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if rifle.done and "first" not in seen:
+                seen["first"] = trainer.global_step
+
+        def on_train_end(self, trainer, pl_module):
+            seen["last"] = trainer.global_step
+
+    trainer = quiet_trainer(callbacks=[rifle, CountSteps()], log_every_n_steps=1, **trainer_args)
+    trainer.fit(TinyClassifier())
+    assert rifle.steps_after_last == seen["last"] - seen["first"] == after
+    assert float(trainer.callback_metrics["rifle/steps_after_last_reinit"]) == after
+    regime = [w for w in recwarn if "out of its regime" in str(w.message)]
+    assert len(regime) == (after < rifle.min_steps_after_last)
+    if regime:
+        assert f"only {after} optimizer steps follow the last re-init" in str(regime[0].message)
+
+
 def test_rifle_bad_input():
     with pytest.raises(ValueError, match="interval"):
         RIFLE(interval="batch")

@@ -92,3 +92,17 @@ def test_head_without_linear_layer_is_refused():
     model.head = torch.nn.Conv1d(32, 4, 1)
     with pytest.raises(TypeError, match="needs a Linear final head layer"):
         head_features(model, model.val_dataloader(), head="head")
+
+
+def test_lite0_head_features_give_the_model_logits():
+    """The benchmarks read accuracy off cached features: they must be exactly what the head sees."""
+    from lightning_transfer import TransferClassifier
+
+    torch.manual_seed(0)
+    model = TransferClassifier("efficientnet_lite0", num_classes=3, pretrained=False)
+    x = torch.rand(8, 3, 32, 32)
+    feats, _ = head_features(model, [(x, torch.zeros(8, dtype=torch.long))])
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone._fc(feats), model(x), rtol=1e-5, atol=1e-5)

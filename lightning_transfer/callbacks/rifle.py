@@ -70,6 +70,9 @@ class RIFLE(Callback):
         head: Dotted name of the head; auto-detected by default.
         seed: Base seed of the draws (an integer >= 0); by default taken from ``torch.initial_seed()`` on
             rank 0.
+        min_steps_after_last: RIFLE's regime: the head must re-learn after the last re-init, so fewer
+            optimizer steps than this after it is a warning at train start ("out of regime"; the
+            paper's runs had on the order of a thousand). Logged as ``rifle/steps_after_last_reinit``.
 
     Example::
 
@@ -86,6 +89,7 @@ class RIFLE(Callback):
         init: Literal["random", "zero"] = "random",
         head: str | None = None,
         seed: int | None = None,
+        min_steps_after_last: int = 100,
     ) -> None:
         num_reinits = check_int(_OWNER, "num_reinits", num_reinits, minimum=1)
         if points is not None:
@@ -103,6 +107,8 @@ class RIFLE(Callback):
         self.num_reinits, self.points, self.interval = num_reinits, points, interval
         self.min_epochs_after, self.reset_optimizer_state, self.init = min_epochs_after, reset_optimizer_state, init
         self.head, self.seed = head, seed
+        self.min_steps_after_last = check_int(_OWNER, "min_steps_after_last", min_steps_after_last, minimum=0)
+        self.steps_after_last: int | None = None
         self.schedule: list[int] = []
         self.done: list[int] = []
         self._seed: int | None = seed
@@ -160,6 +166,29 @@ class RIFLE(Callback):
         rank_zero_info(f"RIFLE: re-initialized the head at {self.interval} {point} ({len(self.done)}/{len(self.schedule)}).")
 
     @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if not self.schedule or not isinstance(batches, int) or batches <= 0:
+            return
+        steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        if self.interval == "epoch":
+            total = trainer.max_epochs * steps_per_epoch
+            if trainer.max_steps is not None and trainer.max_steps >= 0:
+                total = min(total, trainer.max_steps)
+            self.steps_after_last = total - self.schedule[-1] * steps_per_epoch
+        else:
+            self.steps_after_last = trainer.max_steps - self.schedule[-1]
+        if self.steps_after_last < self.min_steps_after_last:
+            rank_zero_warn(
+                f"RIFLE is out of its regime: only {self.steps_after_last} optimizer steps follow the last re-init "
+                f"({self.interval} {self.schedule[-1]}, {steps_per_epoch} steps per epoch), fewer than "
+                f"min_steps_after_last={self.min_steps_after_last}; the new head may not re-learn, and the result is "
+                "not what the method does. Re-initialize earlier (points=..., or interval='step'), use fewer "
+                "re-inits, or train longer, at a learning rate that is still useful after the last re-init.",
+                category=UserWarning,
+            )
+
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.interval == "epoch":
             self._maybe_reinit(trainer, pl_module, trainer.current_epoch)
@@ -171,6 +200,8 @@ class RIFLE(Callback):
         if self._pending_log is not None:
             pl_module.log("rifle/reinit", float(self._pending_log), on_step=True, on_epoch=False)
             self._pending_log = None
+        if batch_idx == 0 and self.steps_after_last is not None:
+            pl_module.log("rifle/steps_after_last_reinit", float(self.steps_after_last), on_step=True, on_epoch=False)
 
     @override
     def state_dict(self) -> dict[str, Any]:

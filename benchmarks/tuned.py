@@ -1,0 +1,190 @@
+"""Does each method help, tuned fairly? Every method, the same small budget, the linear probe beside it.
+
+Budget: every fine-tuning method gets four settings per task: its own knob (two values) × two learning
+rates, or, for methods without a knob (plain, MEI, LP-FT from a converged probe, from scratch), four
+learning rates. The setting with the best mean validation accuracy over the seeds is chosen; test
+accuracy is reported for that setting only. The linear probe (cached eval-mode features of the
+pre-trained network, L2 strength chosen on validation from six values) needs no learning rate.
+
+Every run also fits a linear probe on its own final features (train split, L2 chosen on validation):
+``probe on final features`` separates what a method did to the backbone from what it did to the head.
+
+Reproducible per seed: a seed fixes the split, the head init and the training stream (order and flips,
+``SeededEpochSampler``) for every method; runs are single-threaded by default with deterministic
+algorithms, and each row of ``runs.csv`` records thread count, determinism, torch version and commit.
+Rows are kept and never recomputed; a run with other threads is a different run.
+
+    python benchmarks/tuned.py --task A --seeds 3                  # Lite0 -> Animal-MNIST, 10/class
+    python benchmarks/tuned.py --task B-close B-far --seeds 3      # SmallCNN, close and far targets
+    python benchmarks/tuned.py --task A --methods plain,MEI         # a subset (parallel workers)
+    python benchmarks/tuned.py --quick                             # smoke run (the test suite runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lightning_transfer import (  # noqa: E402
+    DTNH,
+    L2SP,
+    RIFLE,
+    FeatureMapRegularization,
+    FreezeSchedule,
+    MaxEntropyHeadInit,
+)
+from lightning_transfer.anatomy import final_linear, find_head  # noqa: E402
+from lightning_transfer.functional.linear_probe import probe_accuracy, select_linear_probe  # noqa: E402
+from lightning_transfer.probe import head_features, linear_probe, set_head_from_probe_  # noqa: E402
+from tuned_report import write_report  # noqa: E402
+from tuned_tasks import TASKS, Task  # noqa: E402
+
+import accuracy  # noqa: E402
+
+PROBE = "linear probe"
+
+
+def settings(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
+    """method -> its four settings ``(label, TransferClassifier overrides, callbacks factory, probe init)``."""
+    no_wd = {"weight_decay": 0.0}  # L2-SP's anchor replaces weight decay
+    total = task.epochs * task.steps_per_epoch
+
+    def lrs(make=lambda: [], probe=False, **overrides):
+        return [(f"lr {lr:g}", {"lr": lr, **overrides}, make, probe) for lr in task.lrs]
+
+    def knob(name, values, make, **overrides):
+        return [(f"{name} {v:g}, lr {lr:g}", {"lr": lr, **overrides}, (lambda v=v: make(v)), False)
+                for v in values for lr in task.knob_lrs]
+
+    layers = task.delta_layers
+    return {
+        "plain": lrs(),
+        "L2-SP": knob("alpha", (0.01, 0.1), lambda a: [L2SP(alpha=a, beta=0.01)], **no_wd),
+        "L2-SP+DTNH": knob("alpha", (0.01, 0.1), lambda a: [L2SP(alpha=a, beta=0.01), DTNH()], **no_wd),
+        "DELTA": knob("alpha", (0.01, 0.1), lambda a: [FeatureMapRegularization(layers, alpha=a)]),
+        "DELTA+DTNH": knob("alpha", (0.01, 0.1), lambda a: [FeatureMapRegularization(layers, alpha=a), DTNH()]),
+        "RIFLE": knob("re-init at step", (total // 4, total // 2),
+                      lambda p: [RIFLE(points=[int(p)], interval="step", min_epochs_after=0)]),
+        "MEI": lrs(lambda: [MaxEntropyHeadInit()]),
+        "LP-FT (SGD probe)": knob("probe epochs", (max(1, task.epochs // 5), max(1, task.epochs // 3)),
+                                  lambda k: [FreezeSchedule.lp_ft(int(k), blocks=task.blocks)]),
+        "LP-FT (converged probe)": lrs(probe=True),
+        "best depth": knob("depth", task.depths, lambda d: [FreezeSchedule(depth=int(d), blocks=task.blocks)]),
+        "from scratch": lrs(pretrained=False),
+    }
+
+
+def features_of(model, data) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Head features (eval mode) of the train, val and test splits, without augmentation."""
+    return {s: head_features(model, getattr(data, f"{s}_dataloader")()) for s in ("train", "val", "test")}
+
+
+def measure(model, feats, num_classes: int) -> dict:
+    """Accuracy of the model's own head, and of a linear probe fitted on its features."""
+    layer = final_linear(find_head(model)[1])
+    weight, bias = layer.weight.detach().float(), layer.bias.detach().float()
+    test_x, test_y = feats["test"]
+    probe = select_linear_probe(*feats["train"], *feats["val"], num_classes)
+    return {"val_acc": round(probe_accuracy(weight, bias, *feats["val"]), 5),
+            "test_acc": round(probe_accuracy(weight, bias, test_x, test_y), 5),
+            "test_loss": round(float(F.cross_entropy(test_x @ weight.T + bias, test_y)), 6),
+            "probe_val_acc": round(probe.val_acc, 5),
+            "probe_test_acc": round(probe_accuracy(probe.weight, probe.bias, test_x, test_y), 5),
+            "probe_l2": probe.l2}
+
+
+def run_one(task: Task, method: str, setting: tuple, seed: int) -> dict:
+    label, overrides, make_callbacks, probe_init = setting
+    pl.seed_everything(seed, verbose=False)
+    model = task.model(overrides)
+    plain = task.data(seed, augment=False)
+    if method == PROBE:  # no training: the pre-trained features, probe chosen on validation
+        row = measure(model, features_of(model, plain), task.num_classes)
+        return {**row, "val_acc": row["probe_val_acc"], "test_acc": row["probe_test_acc"], "test_loss": ""}
+    callbacks = make_callbacks()
+    if probe_init:  # LP-FT as its paper does it: a converged probe on cached features, then fine-tuning
+        set_head_from_probe_(model, linear_probe(model, plain.train_dataloader(), plain.val_dataloader()))
+    trainer = pl.Trainer(max_epochs=task.epochs, max_steps=task.epochs * task.steps_per_epoch, accelerator="cpu",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         callbacks=callbacks)
+    trainer.fit(model, datamodule=task.data(seed, augment=task.augment))
+    rifle = next((c for c in callbacks if isinstance(c, RIFLE)), None)
+    after = rifle.steps_after_last if rifle is not None else ""
+    return {**measure(model, features_of(model, plain), task.num_classes), "steps_after_last_reinit": after}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment(threads: int) -> dict:
+    return {"threads": threads, "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "torch": torch.__version__, "python": platform.python_version(), "commit": commit()}
+
+
+def run_missing(path: Path, task: Task, methods: list[str], seeds, threads: int) -> None:
+    table = {PROBE: [("L2 on validation", {}, None, False)], **settings(task)}
+    done = {(r["task"], r["method"], r["setting"], r["seed"], r["threads"]) for r in accuracy.read_rows(path)}
+    env = environment(threads)
+    for method in methods:
+        for setting in table[method]:
+            for seed in seeds:
+                if (task.key, method, setting[0], str(seed), str(threads)) in done:
+                    continue
+                start = time.perf_counter()
+                measured = run_one(task, method, setting, seed)
+                row = {"task": task.key, "method": method, "setting": setting[0], "seed": seed, "epochs": task.epochs,
+                       **{k: measured.get(k, "") for k in ("val_acc", "test_acc", "test_loss", "probe_val_acc",
+                                                            "probe_test_acc", "probe_l2", "steps_after_last_reinit")},
+                       "seconds": round(time.perf_counter() - start, 1), **env}
+                accuracy.append_row(path, row)
+                print(f"{task.key} {method} [{setting[0]}] seed {seed}: val {row['val_acc']} test {row['test_acc']} "
+                      f"(probe on final features {row['probe_test_acc']})", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", nargs="+", default=["A"], choices=sorted(TASKS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", default=None, help="comma-separated subset")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (part of a run's identity)")
+    parser.add_argument("--out", default="benchmarks/results/tuned")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a tiny task A: 1 seed, 1 epoch, 3 methods (9 runs)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [TASKS["quick"]] if args.quick else [TASKS[k] for k in args.task]
+    if args.quick:
+        args.seeds, args.methods = 1, args.methods or f"{PROBE},plain,LP-FT (converged probe)"
+    known = [PROBE, *settings(tasks[0])]
+    methods = args.methods.split(",") if args.methods else known
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {known}")
+    for task in [] if args.report_only else tasks:
+        run_missing(out / "runs.csv", task, methods, range(args.seeds), args.threads)
+    write_report(accuracy.read_rows(out / "runs.csv"), out, args.threads, {t.key: t for t in tasks}
+                 if args.quick else TASKS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The tasks of ``tuned.py``: benchmark A (ImageNet EfficientNet-Lite0 -> Animal-MNIST), B (a small CNN
+pre-trained on Animal-MNIST 0-4 -> close and far targets) and C (a small pre-trained ViT -> the same
+targets), with each task's learning-rate grid, DELTA layers, depths and block list."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+
+import accuracy
+import accuracy_controlled as controlled
+import accuracy_transformer as transformer
+from lightning_transfer import AnimalMNISTDataModule, ArrayDataModule, TransferClassifier
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Task:
+    """A fine-tuning task and the budget grid of its methods."""
+
+    key: str
+    title: str
+    data: Callable[..., LightningDataModule]  # (seed, augment=...) -> data module
+    model: Callable[[dict], TransferClassifier]  # TransferClassifier overrides (lr, ...) -> fresh model
+    num_classes: int
+    epochs: int
+    train_size: int
+    batch_size: int
+    lrs: tuple[float, ...]  # four learning rates for methods without a knob of their own
+    knob_lrs: tuple[float, float]  # two learning rates crossed with a method's knob
+    delta_layers: list[str]
+    depths: tuple[int, int]
+    blocks: list[str] | None = None  # explicit blocks for FreezeSchedule
+    augment: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.train_size / self.batch_size)
+
+
+def _animal(seed: int, augment: bool, per_class: int, size: int, val: int, test: int) -> AnimalMNISTDataModule:
+    return AnimalMNISTDataModule(per_class=per_class, seed=seed, image_size=size, val_per_class=val,
+                                 test_per_class=test, augment=augment)
+
+
+def _lite0(overrides: dict) -> TransferClassifier:
+    return TransferClassifier("efficientnet_lite0", num_classes=10, **overrides)
+
+
+def _target(target: str, seed: int, augment: bool) -> ArrayDataModule:
+    images, labels = controlled.target_arrays(target)
+    return ArrayDataModule(images, labels, per_class=10, image_size=28, batch_size=16, seed=seed,
+                           augment=augment, **controlled.SPLITS[target])
+
+
+def _transferred(network: controlled.Network, source: str, num_classes: int, overrides: dict) -> TransferClassifier:
+    return controlled.build_model(RESULTS / source, num_classes, overrides, network)
+
+
+def _b_or_c(key: str, target: str) -> Task:
+    cnn = key == "B"
+    network = controlled.CNN if cnn else transformer.VIT
+    source = "accuracy_controlled/source_cnn_8ep.pt" if cnn else "accuracy_transformer/source_vit_60ep.pt"
+    num_classes = 10 if target == "far" else len(controlled.CLOSE_CLASSES)
+    return Task(
+        key=f"{key}-{target}",
+        title=(f"{'SmallCNN' if cnn else 'small ViT'} pre-trained on Animal-MNIST 0-4 -> "
+               f"{'Animal-MNIST 5-9' if target == 'close' else 'scikit-learn digits'}, 10/class, 28×28, 30 epochs"),
+        data=partial(_target, target),
+        model=partial(_transferred, network, source, num_classes),
+        num_classes=num_classes, epochs=30, train_size=10 * num_classes, batch_size=16,
+        lrs=(0.003, 0.01, 0.03, 0.1) if cnn else (1e-4, 3e-4, 1e-3, 3e-3),
+        knob_lrs=(0.01, 0.03) if cnn else (3e-4, 1e-3),
+        delta_layers=controlled.DELTA_LAYERS if cnn else transformer.DELTA_LAYERS,
+        depths=(1, 2) if cnn else (1, 3),
+        blocks=[f"backbone.block{i}" for i in range(1, 5)] if cnn else None,
+        augment=False,
+    )
+
+
+TASKS: dict[str, Task] = {
+    "A": Task("A", "ImageNet EfficientNet-Lite0 -> Animal-MNIST, 10/class, 64×64, 15 epochs",
+              data=partial(_animal, per_class=10, size=64, val=30, test=200), model=_lite0, num_classes=10,
+              epochs=15, train_size=100, batch_size=32, lrs=(0.003, 0.01, 0.03, 0.1), knob_lrs=(0.01, 0.03),
+              delta_layers=accuracy.DELTA_LAYERS, depths=(3, 6)),
+    "quick": Task("quick", "smoke run: Lite0, 2/class, 32×32, 1 epoch",
+                  data=partial(_animal, per_class=2, size=32, val=2, test=5), model=_lite0, num_classes=10,
+                  epochs=1, train_size=20, batch_size=32, lrs=(0.003, 0.01, 0.03, 0.1), knob_lrs=(0.01, 0.03),
+                  delta_layers=accuracy.DELTA_LAYERS, depths=(3, 6)),
+    **{f"{k}-{t}": _b_or_c(k, t) for k in ("B", "C") for t in ("close", "far")},
+}
