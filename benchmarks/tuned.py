@@ -36,6 +36,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import accuracy  # noqa: E402
+from tuned_report import write_report  # noqa: E402
+from tuned_tasks import TASKS, Task  # noqa: E402
+
 from lightning_transfer import (  # noqa: E402
     DTNH,
     L2SP,
@@ -47,10 +51,6 @@ from lightning_transfer import (  # noqa: E402
 from lightning_transfer.anatomy import final_linear, find_head  # noqa: E402
 from lightning_transfer.functional.linear_probe import probe_accuracy, select_linear_probe  # noqa: E402
 from lightning_transfer.probe import head_features, linear_probe, set_head_from_probe_  # noqa: E402
-from tuned_report import write_report  # noqa: E402
-from tuned_tasks import TASKS, Task  # noqa: E402
-
-import accuracy  # noqa: E402
 
 PROBE = "linear probe"
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from lightning.pytorch import LightningDataModule
-
 import accuracy
 import accuracy_controlled as controlled
 import accuracy_transformer as transformer
+from lightning.pytorch import LightningDataModule
+
 from lightning_transfer import AnimalMNISTDataModule, ArrayDataModule, TransferClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
