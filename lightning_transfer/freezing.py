@@ -156,7 +156,10 @@ def accuracy_across_unfreeze(model: nn.Module, batch: Any, blocks: Sequence[tupl
     """Accuracy on ``batch`` with the modes of the depth ``before`` an unfreeze, and with the current
     modes (after it): what the switch does to the trained head, e.g. BatchNorm moving from running to
     batch statistics. Same dropout masks for both; statistics, modes and RNG are left as they were.
-    ``None`` for a batch without labels."""
+    ``None`` for a batch without labels, or a module without a ``forward`` of its own (nothing to call)."""
+    forward = type(model).forward
+    if forward is nn.Module.forward or getattr(forward, "__qualname__", "") == "LightningModule.forward":
+        return None
     try:
         labels = batch_labels(batch)
     except ValueError:

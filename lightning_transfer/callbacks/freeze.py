@@ -274,9 +274,9 @@ class FreezeSchedule(Callback):
             accuracies = accuracy_across_unfreeze(pl_module, batch, self._blocks, self._unfrozen_from, self.bn,
                                                   self._user_frozen)
             self._unfrozen_from = None
-            if accuracies is not None:
-                pl_module.log("freeze/acc_before_unfreeze", accuracies[0], on_step=True, on_epoch=False)
-                pl_module.log("freeze/acc_after_unfreeze", accuracies[1], on_step=True, on_epoch=False)
+            if accuracies is not None:  # each rank measures its own batch: the mean is the global batch's
+                for key, value in zip(("freeze/acc_before_unfreeze", "freeze/acc_after_unfreeze"), accuracies):
+                    pl_module.log(key, value, on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1)
         pl_module.log("freeze/depth", float(self.current_depth or 0), on_step=True, on_epoch=False)
         pl_module.log("freeze/trainable_params", self._trainable, on_step=True, on_epoch=False)
 
