@@ -183,7 +183,7 @@ def main(argv=None) -> None:
     for task in [] if args.report_only else tasks:
         run_missing(out / "runs.csv", task, methods, range(args.seeds), args.threads)
     write_report(accuracy.read_rows(out / "runs.csv"), out, args.threads, {t.key: t for t in tasks}
-                 if args.quick else TASKS)
+                 if args.quick else TASKS, known)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,10 @@ def _note(method: str, runs: dict[int, dict]) -> str:
     return ""
 
 
-def task_section(rows: list[dict], title: str) -> list[str]:
+def task_section(rows: list[dict], title: str, order: list[str] | None = None) -> list[str]:
     chosen = choose(rows)
+    if order:
+        chosen = {m: chosen[m] for m in sorted(chosen, key=lambda m: order.index(m) if m in order else len(order))}
     seeds = sorted({int(r["seed"]) for r in rows})
     plain = chosen.get("plain", (None, None, None))[1]
     probe = chosen.get("linear probe", (None, None, None))[1]
@@ -66,6 +68,11 @@ def task_section(rows: list[dict], title: str) -> list[str]:
         lines.append(f"| {method} | {setting} ({len(means)}) | {means[setting]:.3f} | {_mean_std(tests)} | "
                      f"{_paired(runs, plain)} | {_paired(runs, probe)} | "
                      f"{_mean_std(final_probe) if method != 'linear probe' else '—'} | {_note(method, runs)} |")
+    for method in chosen:
+        base = method.removesuffix("+DTNH")
+        if method != base and base in chosen:  # DTNH's claim is against the regularizer it wraps
+            lines.append(f"\n{method} − {base} (each at its chosen setting), paired: "
+                         f"{_paired(chosen[method][1], chosen[base][1])}")
     lines += ["", "<details><summary>Every setting's mean validation accuracy (the selection)</summary>", "",
               "| method | setting | mean val acc |", "|---|---|---|"]
     for method, (setting, _, means) in chosen.items():
@@ -73,7 +80,7 @@ def task_section(rows: list[dict], title: str) -> list[str]:
     return lines + ["", "</details>", ""]
 
 
-def write_report(rows: list[dict], out: Path, threads: int, tasks: dict) -> None:
+def write_report(rows: list[dict], out: Path, threads: int, tasks: dict, order: list[str] | None = None) -> None:
     rows = [r for r in rows if r["threads"] == str(threads)]
     env = sorted({(r["torch"], r["deterministic"], r["commit"]) for r in rows})
     lines = ["# Does each method help, tuned fairly", "",
@@ -88,6 +95,6 @@ def write_report(rows: list[dict], out: Path, threads: int, tasks: dict) -> None
         if sub:
             lines.append(f"Reproduce: `python benchmarks/tuned.py --task {key} --seeds {len({r['seed'] for r in sub})}"
                          f"{f' --threads {threads}' if threads != 1 else ''}`\n")
-            lines += task_section(sub, f"{key}: {task.title}")
+            lines += task_section(sub, f"{key}: {task.title}", order)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
