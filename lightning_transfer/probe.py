@@ -10,21 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_transfer.anatomy import final_linear, find_head
-from lightning_transfer.batches import batch_inputs, batch_labels, call_model
 from lightning_transfer.functional.linear_probe import DEFAULT_L2_GRID, ProbeFit, select_linear_probe
+from lightning_transfer.rank import collect_features
 
 __all__ = ["head_features", "linear_probe", "set_head_from_probe_"]
 
 
-@torch.no_grad()
 def head_features(model: nn.Module, loader: Iterable, head: str | None = None,
                   max_batches: int | None = None) -> tuple[Tensor, Tensor]:
     """``(features (N, D), labels (N,))``: the input of the head's final linear layer for every example
     of ``loader`` (tuple or dict batches), with the model in eval mode; its modes are restored after.
+    A token-shaped input is mean-pooled over tokens, as the transferability ranking pools it.
 
     Example::
 
@@ -33,31 +32,9 @@ def head_features(model: nn.Module, loader: Iterable, head: str | None = None,
     layer = final_linear(find_head(model, head)[1])
     if not isinstance(layer, nn.Linear):
         raise TypeError(f"A linear probe needs a Linear final head layer; this head ends in {type(layer).__name__}.")
-    captured: list[Tensor] = []
-    hook = layer.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach().flatten(0, -2)))
-    modes = {m: m.training for m in model.modules()}
-    device = next(model.parameters()).device
-    labels = []
-    try:
-        model.eval()
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = move_data_to_device(batch, device)
-            call_model(model, batch_inputs(batch))
-            labels.append(batch_labels(batch).reshape(-1).cpu())
-    finally:
-        hook.remove()
-        for m, training in modes.items():
-            m.training = training
-    if not captured:
-        raise ValueError("The loader yielded no batches: no features to probe.")
-    feats = torch.cat(captured).float().cpu()
-    y = torch.cat(labels)
-    if len(feats) != len(y):
-        raise ValueError(f"The head saw {len(feats)} feature rows for {len(y)} labels: probe a sequence "
-                         "classifier whose head gets one pooled vector per example.")
-    return feats, y
+    features, labels, _ = collect_features(model, loader, {"head": layer}, max_batches, pre=True,
+                                           owner="head_features", hint="pass head= naming the classifier forward runs")
+    return features["head"], labels
 
 
 def linear_probe(model: nn.Module, train_loader: Iterable, val_loader: Iterable,

@@ -18,7 +18,8 @@ from lightning_transfer.functional.similarity import block_features as _token_po
 from lightning_transfer.functional.transferability import hscore, leep, logme, nce
 from lightning_transfer.validation import check_choice, check_int, check_strings
 
-__all__ = ["FEATURE_ESTIMATORS", "SOURCE_ESTIMATORS", "Normalized", "block_features", "pool", "rank_depths", "rank_models", "save_ranking"]
+__all__ = ["FEATURE_ESTIMATORS", "SOURCE_ESTIMATORS", "Normalized", "block_features", "collect_features", "pool",
+           "rank_depths", "rank_models", "save_ranking"]
 
 FEATURE_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], float]] = {"logme": logme, "hscore": hscore}
 SOURCE_ESTIMATORS = {"leep": lambda logits, y: leep(torch.softmax(logits.double(), 1), y),
@@ -41,9 +42,11 @@ def _loader(data: LightningDataModule | Iterable, split: str) -> Iterable:
     return data.train_dataloader() if split == "train" else data.val_dataloader()
 
 
-def _collect(model: nn.Module, loader: Iterable, modules: dict[str, nn.Module], max_batches: int | None,
-             pre: bool) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """One no-grad pass in eval mode; pooled outputs (inputs, ``pre``) of ``modules``, labels, logits."""
+def collect_features(model: nn.Module, loader: Iterable, modules: dict[str, nn.Module], max_batches: int | None,
+                     pre: bool, owner: str = "rank", hint: str = "pass blocks= that forward runs"
+                     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """One no-grad pass in eval mode (modes restored after); pooled outputs (inputs, ``pre``) of
+    ``modules`` as ``(n, d)`` features (:func:`pool`), labels, logits. Errors name ``owner`` and ``hint``."""
     parts: dict[str, list[Tensor]] = {name: [] for name in modules}
     labels, logits, last = [], [], {}
 
@@ -69,8 +72,7 @@ def _collect(model: nn.Module, loader: Iterable, modules: dict[str, nn.Module], 
                 mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
                 for name in modules:
                     if name not in last:
-                        raise ValueError(f"rank: block {name!r} produced no output (forward does not call it); "
-                                         "pass blocks= that forward runs.")
+                        raise ValueError(f"{owner}: {name!r} produced no output (forward does not call it); {hint}.")
                     parts[name].append(pool(last[name], mask).float().cpu())
     finally:
         for h in handles:
@@ -78,7 +80,7 @@ def _collect(model: nn.Module, loader: Iterable, modules: dict[str, nn.Module], 
         for module, mode in modes:
             module.training = mode
     if not labels:
-        raise ValueError("rank: the loader yielded no batch; pass data with at least one labelled batch.")
+        raise ValueError(f"{owner}: the loader yielded no batch; pass data with at least one labelled batch.")
     return {n: torch.cat(p) for n, p in parts.items()}, torch.cat(labels), torch.cat(logits)
 
 
@@ -110,7 +112,7 @@ def block_features(model: nn.Module, loader: Iterable, blocks: Sequence[str] | N
     if not listed:
         raise ValueError("block_features: the model has no block before its head; nothing to score.")
     modules = {name: block_output_module(b) for name, b in listed}
-    features, labels, _ = _collect(model, loader, modules, max_batches, pre=False)
+    features, labels, _ = collect_features(model, loader, modules, max_batches, pre=False)
     return features, labels
 
 
@@ -195,7 +197,7 @@ def rank_models(candidates: Mapping[str, nn.Module], data: LightningDataModule |
     rows = []
     for cand, model in candidates.items():
         head_name, head = find_head(model)
-        features, labels, logits = _collect(model, loader, {head_name: head}, max_batches, pre=True)
+        features, labels, logits = collect_features(model, loader, {head_name: head}, max_batches, pre=True)
         f = features[head_name]
         has_source = cand in source_heads if source_heads is not None else not isinstance(model, TransferClassifier)
         row: dict[str, Any] = {"model": cand, "dim": f.shape[1]}

@@ -181,11 +181,12 @@ class FreezeSchedule(Callback):
         lp_ft_shape = len(depths) > 1 and depths[0] == n and depths[1] == 0  # a probe, then everything trains
         if lp_ft_shape and self.bn == "eval" and trains_batchnorm(self._blocks[:-1], self._user_frozen):
             rank_zero_warn(
-                f"{_OWNER}: linear probing then full fine-tuning (LP-FT) with bn='eval' on a network with BatchNorm: the probe learns on running statistics, "
-                f"and at the unfreeze (epoch {max(self._schedule)}) BatchNorm switches to batch statistics, which "
-                "can throw the trained probe away (on EfficientNet-Lite0 its accuracy fell from 0.66 to 0.23 at "
-                "once). Use bn='train' (the default of FreezeSchedule.lp_ft). The switch is logged as freeze/acc_before_unfreeze "
-                "and freeze/acc_after_unfreeze."
+                f"{_OWNER}: linear probing then full fine-tuning (LP-FT) with bn='eval' on a network with "
+                "BatchNorm: the probe learns on running statistics, and at the unfreeze (epoch "
+                f"{max(self._schedule)}) BatchNorm switches to batch statistics, which can throw the trained probe "
+                "away (on EfficientNet-Lite0 its accuracy fell from 0.66 to 0.23 at once). Use bn='train' (the "
+                "default of FreezeSchedule.lp_ft). The switch is logged as freeze/acc_before_unfreeze and "
+                "freeze/acc_after_unfreeze."
             )
 
     def _warn_unfinished(self, last_epoch: int, limit: str, longer: str) -> None:
