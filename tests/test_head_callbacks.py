@@ -273,6 +273,8 @@ def test_mei_invalid_arguments(kwargs, error, match):
         ({"points": [0, 3]}, ValueError, "points entries must be an integer >= 1"),
         ({"points": [-1]}, ValueError, "points entries must be an integer >= 1"),
         ({"points": [2.5]}, TypeError, "points entries must be an integer"),
+        ({"min_steps_after_last": -1}, ValueError, "min_steps_after_last must be an integer >= 0"),
+        ({"min_steps_after_last": 10.5}, TypeError, "min_steps_after_last must be an integer"),
         ({"points": [NAN]}, TypeError, "points entries must be an integer"),
         ({"points": [True]}, TypeError, "points entries must be an integer"),
         ({"points": [3, 3]}, ValueError, "points must be distinct"),

@@ -106,3 +106,13 @@ def test_lite0_head_features_give_the_model_logits():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.backbone._fc(feats), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_probe_that_does_not_fit_the_head_and_empty_loaders_are_named():
+    model = TinyClassifier()
+    fit = linear_probe(model, model.train_dataloader(), model.val_dataloader(), l2_grid=(1e-1,))
+    other = TinyClassifier(classes=3)
+    with pytest.raises(ValueError, match=r"probe's weight \(4, 32\) does not fit the head layer's \(3, 32\)"):
+        set_head_from_probe_(other, fit)
+    with pytest.raises(ValueError, match="head_features: the loader yielded no batch"):
+        head_features(model, [])
