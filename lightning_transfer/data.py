@@ -160,7 +160,11 @@ class AnimalMNISTDataModule(_SplitDataModule):
 
     Example::
 
-        dm = AnimalMNISTDataModule(per_class=10, image_size=64)
+        >>> dm = AnimalMNISTDataModule(per_class=10, image_size=64)  # offline: the animal-mnist package
+        >>> dm.setup()
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape), len(dm.train_dataloader().dataset), len(dm.val_dataloader().dataset)
+        ((32, 3, 64, 64), 100, 500)
     """
 
     def __init__(
@@ -230,7 +234,13 @@ class ArrayDataModule(_SplitDataModule):
 
     Example::
 
-        dm = ArrayDataModule(images, labels, per_class=10, image_size=28)
+        >>> import numpy as np
+        >>> images = np.random.randint(0, 256, (120, 28, 28), dtype=np.uint8)
+        >>> labels = np.arange(120) % 3
+        >>> dm = ArrayDataModule(images, labels, per_class=10, val_per_class=10, test_per_class=10)
+        >>> dm.setup()
+        >>> dm.num_classes, len(dm.train_dataloader().dataset), len(dm.test_dataloader().dataset)
+        (3, 30, 30)
     """
 
     def __init__(
@@ -282,7 +292,18 @@ class ImageFolderDataModule(_SplitDataModule):
 
     Example::
 
-        dm = ImageFolderDataModule("data/flowers/train", image_size=224)
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> for cls in ("cat", "dog"):
+        ...     (root / cls).mkdir()
+        ...     for i in range(5):
+        ...         Image.new("RGB", (40, 30)).save(root / cls / f"{i}.png")
+        >>> dm = ImageFolderDataModule(str(root), image_size=32, val_fraction=0.2, num_workers=0)
+        >>> dm.setup()
+        >>> x, y = next(iter(dm.val_dataloader()))
+        >>> tuple(x.shape), sorted(y.tolist())
+        ((2, 3, 32, 32), [0, 1])
     """
 
     def __init__(

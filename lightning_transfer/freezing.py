@@ -19,6 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_transfer.batches import batch_inputs, batch_labels, call_model, logits_of
 from lightning_transfer.batchnorm import batchnorm_state_kept
+from lightning_transfer.compilation import eager
 from lightning_transfer.validation import check_int
 
 __all__ = ["accuracy_across_unfreeze", "check_depth", "check_milestones", "depth_at", "freeze_blocks",
@@ -166,7 +167,7 @@ def accuracy_across_unfreeze(model: nn.Module, batch: Any, blocks: Sequence[tupl
         return None
     inputs = batch_inputs(batch)
     accuracies = []
-    with batchnorm_state_kept(model):
+    with batchnorm_state_kept(model), eager():  # a one-off pass: not worth a compiled graph
         seed = int(torch.randint(0, 2**31 - 1, ()))
         for step in ("after", "before"):
             if step == "before":

@@ -18,6 +18,13 @@ from lightning_transfer.optim import build_param_groups
 
 __all__ = ["TransferClassifier", "build_backbone", "replace_head"]
 
+# hparams["backbone"] of a model built around a module: this prefix and the module's class path
+_MODULE_BACKBONE = "module:"
+
+
+def _class_path(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
 
 class TransferClassifier(LightningModule):
     """Fine-tune a pre-trained classifier (images or text; CNN or transformer) on a new label set.
@@ -33,7 +40,9 @@ class TransferClassifier(LightningModule):
             ``"timm:<name>"``, ``"hf:<name>"``), or your own pre-trained network as a module (a Hugging
             Face model included): its head (see :func:`~lightning_transfer.find_head`) is replaced by a
             new one for ``num_classes`` and inputs reach it as the data module gives them (no
-            normalization); ``pretrained`` and ``weights`` then do not apply.
+            normalization); ``pretrained`` and ``weights`` then do not apply. Its checkpoints record the
+            module's class (``hparams.backbone == "module:<class path>"``); load them with
+            ``TransferClassifier.load_from_checkpoint(path, backbone=<a new instance of the network>)``.
         num_classes: Number of target classes (at least 2).
         pretrained: ``False`` trains from scratch (the baseline every transfer method should beat).
         weights: torchvision weights enum name.
@@ -48,12 +57,16 @@ class TransferClassifier(LightningModule):
 
     Example::
 
-        model = TransferClassifier("efficientnet_lite0", num_classes=10, lr=0.01)
-        trainer = Trainer(max_epochs=10, callbacks=[L2SP(alpha=0.01)])
+        >>> import torch
+        >>> model = TransferClassifier("efficientnet_lite0", num_classes=10, lr=0.01)  # offline ImageNet weights
+        >>> model(torch.rand(2, 3, 64, 64)).shape  # images in [0, 1]; normalized inside
+        torch.Size([2, 10])
+        >>> net = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1000))
+        >>> TransferClassifier(net, num_classes=3).backbone[2]  # your own network: its head is replaced
+        Linear(in_features=8, out_features=3, bias=True)
 
-        bert = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
-        model = TransferClassifier(bert, num_classes=2, optimizer="adamw", lr=2e-5, layer_decay=0.9)
-        # batches: {"input_ids": ..., "attention_mask": ..., "labels": ...}
+    A Hugging Face model is given the same way (``TransferClassifier(bert, num_classes=2,
+    optimizer="adamw", lr=2e-5, layer_decay=0.9)``), with batches ``{"input_ids": ..., "labels": ...}``.
     """
 
     def __init__(
@@ -78,8 +91,20 @@ class TransferClassifier(LightningModule):
             raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
         if isinstance(backbone, nn.Module):  # the user's own pre-trained network: new head, no normalization
             self.save_hyperparameters(ignore=["backbone"])
+            if "_instantiator" in self.hparams:  # built by LightningCLI: its config of the backbone rebuilds it
+                self.save_hyperparameters()
+            else:  # the checkpoint (and hparams.yaml) record the network it needs: loading without it says so
+                recorded = _MODULE_BACKBONE + _class_path(backbone)
+                self.save_hyperparameters({**self.hparams, "backbone": recorded})
             self.backbone, normalization = replace_head(backbone, num_classes), None
         else:
+            if isinstance(backbone, str) and backbone.startswith(_MODULE_BACKBONE):  # from a checkpoint
+                name, module = type(self).__name__, backbone[len(_MODULE_BACKBONE):]
+                raise ValueError(
+                    f"This checkpoint holds a {name} built around your own backbone module ({module}), which "
+                    "the checkpoint cannot rebuild by itself: pass a new instance of that network, "
+                    f"{name}.load_from_checkpoint(path, backbone=<your module>)."
+                )
             self.save_hyperparameters()
             self.backbone, normalization = build_backbone(backbone, num_classes, pretrained, weights)
         mean, std = normalization or (None, None)

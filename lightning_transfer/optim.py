@@ -11,11 +11,12 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_transfer.anatomy import list_blocks, timm_layer_ids
 
-__all__ = ["build_param_groups", "norm_and_bias_ids"]
+__all__ = ["build_param_groups", "check_fresh_state_supported", "norm_and_bias_ids", "reset_optimizer_state"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -25,6 +26,47 @@ def norm_and_bias_ids(model: nn.Module) -> set[int]:
     ids = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
     ids |= {id(p) for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")}
     return ids | _declared_no_weight_decay(model)
+
+
+def _fused_momentum(group: dict[str, Any]) -> bool:
+    """A param group of torch's fused SGD with momentum: its step needs a momentum buffer for every parameter
+    it updates, or for none (its first step), so a parameter cannot join it later without one."""
+    return bool(group.get("fused")) and bool(group.get("momentum")) and "dampening" in group
+
+
+def check_fresh_state_supported(optimizers: Sequence[torch.optim.Optimizer], owner: str) -> None:
+    """Refuse, before any step, an optimizer in which ``owner`` could not give parameters fresh state.
+
+    Fresh state for a parameter of a fused SGD group with momentum is a zero momentum buffer (see
+    :func:`reset_optimizer_state`), which equals torch's first step (``buf = g``) only without dampening.
+    """
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if _fused_momentum(group) and group["dampening"]:
+                raise ValueError(
+                    f"{owner} gives the parameters it unfreezes or re-initializes fresh optimizer state, which "
+                    f"torch's fused SGD with momentum and dampening={group['dampening']} cannot take exactly (its "
+                    "step needs a momentum buffer for every parameter). Use dampening=0, or fused=False.")
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], params: Sequence[nn.Parameter]) -> None:
+    """Give ``params`` fresh optimizer state: as if each took its first step now (momentum, Adam moments).
+
+    The state is deleted, except in a group of torch's fused SGD with momentum whose other parameters
+    already hold buffers: there each of ``params`` gets a zero momentum buffer, which the next step turns
+    into ``g`` exactly as a first step does (dampening 0, checked by :func:`check_fresh_state_supported`);
+    without it the fused step fails ("expected Tensor as element i ... got NoneType").
+    """
+    ids = {id(p) for p in params}
+    for opt in optimizers:
+        for p in [p for p in opt.state if id(p) in ids]:
+            del opt.state[p]
+        for group in opt.param_groups:
+            mine = [p for p in group["params"] if id(p) in ids]
+            if mine and _fused_momentum(group) and any("momentum_buffer" in opt.state.get(p, {}) for p in group["params"]):
+                for p in mine:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
 
 def _declared_no_weight_decay(model: nn.Module) -> set[int]:

@@ -27,7 +27,11 @@ def head_features(model: nn.Module, loader: Iterable, head: str | None = None,
 
     Example::
 
-        feats, labels = head_features(model, datamodule.val_dataloader())
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+        >>> feats, labels = head_features(net, [(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))])
+        >>> tuple(feats.shape), labels.tolist()  # the input of the last Linear
+        ((5, 6), [0, 1, 2, 0, 1])
     """
     layer = final_linear(find_head(model, head)[1])
     if not isinstance(layer, nn.Linear):
@@ -46,8 +50,18 @@ def linear_probe(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
 
     Example::
 
-        fit = linear_probe(model, dm.train_dataloader(), dm.val_dataloader())
-        set_head_from_probe_(model, fit)   # LP-FT: fine-tune from the converged probe
+        >>> import torch
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+        >>> x = torch.randn(40, 4)
+        >>> batches = [(x[:20], (x[:20, 0] > 0).long()), (x[20:], (x[20:, 0] > 0).long())]
+        >>> fit = linear_probe(net, batches[:1], batches[1:])  # train loader, val loader
+        >>> fit.l2 in fit.val_acc_by_l2, 0.0 <= fit.val_acc <= 1.0
+        (True, True)
+        >>> set_head_from_probe_(net, fit)  # LP-FT: fine-tune from the converged probe
+        >>> torch.equal(net[2].weight, fit.weight)
+        True
     """
     layer = final_linear(find_head(model, head)[1])
     train_x, train_y = head_features(model, train_loader, head)

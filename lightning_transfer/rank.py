@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_transfer.anatomy import block_output_module, find_head, list_blocks
 from lightning_transfer.batches import batch_inputs, batch_labels, call_model, hidden_states_of, logits_of
+from lightning_transfer.compilation import eager
 from lightning_transfer.functional.similarity import block_features as _token_pooled
 from lightning_transfer.functional.transferability import hscore, leep, logme, nce
 from lightning_transfer.validation import check_choice, check_int, check_strings
@@ -21,7 +22,9 @@ from lightning_transfer.validation import check_choice, check_int, check_strings
 __all__ = ["FEATURE_ESTIMATORS", "SOURCE_ESTIMATORS", "Normalized", "block_features", "collect_features", "pool",
            "rank_depths", "rank_models", "save_ranking"]
 
+#: Estimators on features alone: name -> ``f(features, labels)``.
 FEATURE_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], float]] = {"logme": logme, "hscore": hscore}
+#: Estimators on a source head's outputs: name -> ``f(logits, labels)``.
 SOURCE_ESTIMATORS = {"leep": lambda logits, y: leep(torch.softmax(logits.double(), 1), y),
                      "nce": lambda logits, y: nce(logits.argmax(1), y)}
 
@@ -61,7 +64,7 @@ def collect_features(model: nn.Module, loader: Iterable, modules: dict[str, nn.M
     device = next(model.parameters()).device
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager():  # one pass: hooks that compiled graphs would skip
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
@@ -101,8 +104,14 @@ def block_features(model: nn.Module, loader: Iterable, blocks: Sequence[str] | N
 
     Example::
 
-        feats, y = block_features(model, datamodule.train_dataloader())
-        {name: f.shape for name, f in feats.items()}
+        >>> import torch, torchvision
+        >>> loader = [(torch.rand(8, 3, 32, 32), torch.arange(8) % 2)]
+        >>> feats, y = block_features(torchvision.models.resnet18(weights=None), loader)
+        >>> {name: tuple(f.shape) for name, f in feats.items()}
+        {'conv1|bn1': (8, 64), 'layer1': (8, 64), 'layer2': (8, 128),
+         'layer3': (8, 256), 'layer4': (8, 512)}
+        >>> y.tolist()
+        [0, 1, 0, 1, 0, 1, 0, 1]
     """
     if blocks is not None:
         blocks = check_strings("block_features", "blocks", blocks, allow_empty=False)
@@ -145,7 +154,13 @@ def rank_depths(model: nn.Module, data: LightningDataModule | Iterable, estimato
 
     Example::
 
-        rows = rank_depths(TransferClassifier("efficientnet_lite0", 10), AnimalMNISTDataModule(augment=False))
+        >>> from lightning_transfer import AnimalMNISTDataModule, TransferClassifier
+        >>> dm = AnimalMNISTDataModule(per_class=2, val_per_class=2, test_per_class=2, image_size=32, augment=False)
+        >>> rows = rank_depths(TransferClassifier("efficientnet_lite0", 10), dm)
+        >>> [(r["depth"], r["block"]) for r in rows][:2]
+        [(1, 'backbone._conv_stem|backbone._bn0'), (2, 'backbone._blocks.0')]
+        >>> sorted(rows[0])
+        ['block', 'depth', 'dim', 'hscore', 'logme']
     """
     names = _estimators(estimators, FEATURE_ESTIMATORS)
     features, labels = block_features(model, _loader(data, split), blocks, max_batches)
@@ -178,8 +193,12 @@ def rank_models(candidates: Mapping[str, nn.Module], data: LightningDataModule |
 
     Example::
 
-        net, (mean, std) = build_backbone("efficientnet_lite0", num_classes=None)
-        rows = rank_models({"lite0": Normalized(net, mean, std)}, AnimalMNISTDataModule(augment=False))
+        >>> from lightning_transfer import AnimalMNISTDataModule, build_backbone
+        >>> net, (mean, std) = build_backbone("efficientnet_lite0", num_classes=None)  # keeps the ImageNet head
+        >>> dm = AnimalMNISTDataModule(per_class=2, val_per_class=2, test_per_class=2, image_size=32, augment=False)
+        >>> (row,) = rank_models({"lite0": Normalized(net, mean, std)}, dm)
+        >>> row["model"], row["dim"], sorted(row)
+        ('lite0', 1280, ['dim', 'hscore', 'leep', 'logme', 'model', 'nce'])
     """
     from lightning_transfer.model import TransferClassifier
 
@@ -234,7 +253,12 @@ def save_ranking(depth_rows: Sequence[dict], model_rows: Sequence[dict], out_dir
 
     Example::
 
-        print(save_ranking(rank_depths(model, dm), [], "runs/rank"))
+        >>> import os, tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> rows = [{"block": "layer1", "depth": 1, "dim": 64, "logme": 0.5}]
+        >>> table = save_ranking(rows, [], out, plot=False)  # the printable table
+        >>> "layer1" in table, os.listdir(out)
+        (True, ['rank.csv'])
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from lightning_transfer.anatomy import list_blocks
 
 __all__ = ["FIELDS", "InitFingerprint", "depth_scan", "summarize"]
 
+#: Columns of the scan's ``results.csv``, one row per run.
 FIELDS = ["per_class", "seed", "depth", "val_acc", "test_acc", "init_sha", "seconds"]
 
 

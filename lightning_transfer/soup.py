@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_transfer.batches import batch_inputs, batch_labels, call_model, logits_of
 from lightning_transfer.batchnorm import batchnorm_state_kept, reestimate_batchnorm
 from lightning_transfer.functional.interpolation import uniform_soup
+from lightning_transfer.safe_load import load_torch_file
 from lightning_transfer.validation import check_int
 
 __all__ = ["Soup", "count_correct", "greedy_soup", "has_batchnorm"]
@@ -52,13 +53,16 @@ class Soup(NamedTuple):
     log: list[dict[str, Any]]
 
 
-def _load_state(candidate: Mapping[str, Tensor] | str | PathLike) -> dict[str, Tensor]:
+def _load_state(candidate: Mapping[str, Tensor] | str | PathLike, trusted: bool = False) -> dict[str, Tensor]:
     if isinstance(candidate, Mapping):
         return dict(candidate)
     path = Path(candidate)
     if not path.is_file():
         raise FileNotFoundError(f"greedy_soup: checkpoint {str(path)!r} does not exist.")
-    loaded = torch.load(path, map_location="cpu", weights_only=False)  # Lightning .ckpt: hyper-parameters too
+    # a Lightning .ckpt with plain hyper-parameters loads with weights_only=True; its state_dict is used
+    loaded = load_torch_file(path, "greedy_soup", trusted, way_out=(
+        "If you made this file or trust its source, pass greedy_soup(..., trusted=True); else pass the "
+        "candidates as state dicts"))
     state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
     if not isinstance(state, Mapping):
         raise ValueError(f"greedy_soup: {str(path)!r} holds neither a Lightning checkpoint nor a state dict.")
@@ -71,6 +75,7 @@ def greedy_soup(
     val_loader: Iterable,
     train_loader: Iterable | None = None,
     bn_batches: int | None = None,
+    trusted: bool = False,
 ) -> Soup:
     """Greedy soup: sort candidates by validation accuracy; add each to the soup if the uniform average's
     validation accuracy does not drop (Wortsman et al., "Model soups", ICML 2022, Recipe 1).
@@ -88,6 +93,10 @@ def greedy_soup(
         val_loader: Batches ``(x, y)`` or dicts with labels, for the selection.
         train_loader: Batches for the BatchNorm re-estimation (required when ``model`` has BatchNorm).
         bn_batches: Use at most this many ``train_loader`` batches per re-estimation (``None``: all).
+        trusted: Read checkpoint files with full unpickling (``torch.load(weights_only=False)``), which
+            runs any code stored in them: only for files you made or trust. By default they are read
+            with ``weights_only=True`` (tensors, plain containers and numbers), which reads Lightning
+            checkpoints whose hyper-parameters are plain values, and anything else is refused.
 
     Returns:
         ``Soup(state_dict, log)``: log entries ``{"candidate", "val_acc", "soup_val_acc", "kept"}`` in the
@@ -95,18 +104,29 @@ def greedy_soup(
 
     Example::
 
-        soup, log = greedy_soup(["lr0.01.ckpt", "lr0.02.ckpt"], model, dm.val_dataloader(), dm.train_dataloader())
-        model.load_state_dict(soup)
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> val = [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))]
+        >>> good = {"weight": torch.eye(2), "bias": torch.zeros(2)}  # state dicts, or checkpoint paths
+        >>> bad = {"weight": -torch.eye(2), "bias": torch.zeros(2)}
+        >>> soup, log = greedy_soup([bad, good], model, val)
+        >>> [(entry["candidate"], entry["val_acc"], entry["kept"]) for entry in log]  # best first
+        [(1, 1.0, True), (0, 0.0, False)]
+        >>> model.load_state_dict(soup)
+        <All keys matched successfully>
     """
     if isinstance(candidates, (str, PathLike, Mapping)) or not isinstance(candidates, Sequence) or not candidates:
         raise ValueError("greedy_soup: candidates must be a non-empty list of state dicts or checkpoint paths.")
     if bn_batches is not None:
         check_int("greedy_soup", "bn_batches", bn_batches, minimum=1)
+    if not isinstance(trusted, bool):
+        raise TypeError(f"greedy_soup: trusted must be True or False, got {trusted!r} "
+                        f"({type(trusted).__name__}).")
     batchnorm = has_batchnorm(model)
     if batchnorm and train_loader is None:
         raise ValueError("greedy_soup: the model has BatchNorm layers, whose statistics must be re-estimated for "
                          "averaged weights; pass train_loader (batches of training data).")
-    states = [_load_state(c) for c in candidates]
+    states = [_load_state(c, trusted) for c in candidates]
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def accuracy(state: Mapping[str, Tensor]) -> float:

@@ -29,7 +29,8 @@ class TinyClassifier(LightningModule):
 
     def __init__(self, dim: int = 16, classes: int = 4, optimizer: str = "sgd", lr: float = 0.1,
                  weight_decay: float = 0.0, extra_loss: Callable | None = None, batch_size: int = 16,
-                 n: int = 64, seed: int | None = 0, norm: bool = True, layer_decay: float | None = None):
+                 n: int = 64, seed: int | None = 0, norm: bool = True, layer_decay: float | None = None,
+                 fused: bool = False):
         super().__init__()
         if seed is not None:  # None: whatever seed_everything set
             torch.manual_seed(seed)
@@ -41,7 +42,7 @@ class TinyClassifier(LightningModule):
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
         self.extra_loss = extra_loss
         self.batch_size, self.n, self.dim, self.classes = batch_size, n, dim, classes
-        self.layer_decay = layer_decay
+        self.layer_decay, self.fused = layer_decay, fused  # fused: the torch optimizer's fused=True kernel
 
     def forward(self, x):
         return self.head(self.backbone(x))
@@ -68,9 +69,11 @@ class TinyClassifier(LightningModule):
             from lightning_transfer import build_param_groups
 
             params = build_param_groups(self, self.lr, self.weight_decay, self.layer_decay, decay_norm_and_bias=True)
+        fused = {"fused": True} if self.fused else {}  # else torch's default (foreach on GPU)
         if self.optimizer_name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay, **fused)
+        adam = torch.optim.Adam if self.optimizer_name == "adam" else torch.optim.AdamW
+        return adam(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
 
     def train_dataloader(self):
         return DataLoader(make_data(self.n, self.dim, self.classes), batch_size=self.batch_size, shuffle=False)

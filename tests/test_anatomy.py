@@ -372,6 +372,13 @@ def test_fallback_skips_a_frozen_last_linear_with_a_warning():
         assert find_head(module)[0] == "student.2"
 
 
+def test_fallback_on_a_trainable_mlp_is_silent():
+    """The last Linear of a wholly trainable MLP is its head, without a warning about frozen layers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_head(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)))[0] == "2"
+
+
 def test_a_single_frozen_network_keeps_its_head():
     """A wholly frozen model (RepresentationSimilarity's reference copy) still has its head, silently."""
     model = torchvision.models.resnet18(weights=None).requires_grad_(False)

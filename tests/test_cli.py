@@ -122,3 +122,26 @@ def test_hf_config_builds_the_named_model(tmp_path):
     cli = build_cli(args, run=False)
     assert type(cli.model.backbone).__name__ == "ViTForImageClassification"
     assert cli.model.backbone.classifier.out_features == 10 and cli.model.hparams.layer_decay == 0.75
+
+
+def test_no_warning_about_args_and_command_line_arguments_together(monkeypatch, tmp_path):
+    """Every run used to warn "not recommended to provide both args and command line arguments": the CLI
+    composed sys.argv into args itself (`lightning-transfer fit ...`), and `rank` / `depth-scan` pass args
+    while sys.argv holds their own arguments."""
+    import warnings
+
+    from lightning_transfer.cli import main
+
+    argv = ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "l2sp.yaml"), *OFFLINE,
+            "--trainer.logger=false", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp_path}", "--data.init_args.per_class=2"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monkeypatch.setattr("sys.argv", ["lightning-transfer", "fit", *argv])
+        main()  # what the console script runs
+        monkeypatch.setattr("sys.argv", ["lightning-transfer", "rank", "--config", "x.yaml"])
+        cli = build_cli(argv, run=False)  # what `rank` and `depth-scan` do in-process
+    assert "L2SP" in [type(cb).__name__ for cb in cli.trainer.callbacks]
+    both = [str(w.message) for w in caught if "not recommended to provide both" in str(w.message)]
+    assert not both, both

@@ -113,3 +113,21 @@ def test_compiled_l2sp_kernel_equals_eager():
     for a, b in zip(eager, fused):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(v_fused, v_eager, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["eager", "toward0", "compiled"])
+def test_l2sp_kernel_multiplies_the_scale_the_gradients_carry(path):
+    """A fused optimizer under a GradScaler steps on S·g and divides by S: the kernel must add S·α·(w − w0),
+    and still return the unscaled penalty."""
+    from lightning_transfer.functional.penalties import add_l2sp_grad_
+
+    params, anchors, _ = _tensors(torch.float32, seed=8)
+    anchors = None if path == "toward0" else anchors
+    ref = reference_penalty(params, anchors, 0.3, "l2")
+    ref_grads = torch.autograd.grad(ref, params)
+    scale = torch.tensor(2.0**13)
+    grads = [torch.full_like(p, float(scale)) for p in params]  # S·g with g = 1
+    value = add_l2sp_grad_(grads, params, anchors, 0.3, True, compiled=path == "compiled", grad_scale=scale)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g / scale, 1.0 + rg, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(value, ref.detach(), rtol=1e-5, atol=1e-7)

@@ -215,12 +215,74 @@ def test_setup_errors_come_before_training():
         WiSEFT().setup(trainer, TinyClassifier(), "fit")
 
 
+# ---------------------------------------------------------------- with Lightning's weight averaging
+
+class Trajectory(Callback):
+    """The parameters after every optimizer step (on_train_batch_end, where WeightAveraging updates)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(params_of(pl_module))
+
+
+def hand_ema(steps: list[dict], decay: float) -> dict:
+    """EMAWeightAveraging's average, computed here: the first update copies, then ``d·avg + (1 − d)·p``."""
+    avg = dict(steps[0])
+    for p in steps[1:]:
+        avg = {k: decay * avg[k] + (1 - decay) * p[k] for k in avg}
+    return avg
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_weight_averaging_in_either_order_interpolates_toward_the_average(norm, tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    runs = {}
+    for order in ("WiSEFT first", "EMA first"):
+        wise = WiSEFT(alphas=ALPHAS, every_validation=True)
+        ema, trajectory = EMAWeightAveraging(decay=0.8), Trajectory()
+        callbacks = [wise, ema, trajectory] if order == "WiSEFT first" else [ema, wise, trajectory]
+        model, w0, trainer = fit(callbacks, model=TinyClassifier(norm=norm, lr=0.1), limit_val_batches=None)
+        trainer.save_checkpoint(tmp_path / "after_fit.ckpt")  # its state_dict is the average: the choice
+        saved = torch.load(tmp_path / "after_fit.ckpt", weights_only=False)["state_dict"]
+        runs[order] = (wise, model.state_dict(), saved)
+
+        average = hand_ema(trajectory.steps, 0.8)
+        assert any(not torch.allclose(average[k], trajectory.steps[-1][k], atol=1e-3) for k in average)  # EMA ≠ w_ft
+        curve, states = independent_curve(w0, {**model.state_dict(), **average}, ALPHAS, norm)
+        assert wise.curve == pytest.approx(curve, abs=1e-6), order
+        assert wise.best_alpha == max(curve, key=lambda a: (curve[a], a)) and 0 < wise.best_alpha < 1
+        assert wise.history[-1] == wise.curve, order  # the last validation measured the same average
+        expected = states[wise.best_alpha]
+        for k, v in model.state_dict().items():
+            if "num_batches_tracked" not in k:
+                torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6, msg=f"{order}: {k}")
+        assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items()), order
+    (wise_a, final_a, _), (wise_b, final_b, _) = runs.values()
+    assert wise_a.history == wise_b.history and wise_a.curve == wise_b.curve
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # the same weights, bit for bit
+
+
+def test_two_weight_averaging_callbacks_are_refused_before_training():
+    from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
+
+    model = TinyClassifier()
+    before = params_of(model)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[EMAWeightAveraging(), WiSEFT(), WeightAveraging()])
+    with pytest.raises(ValueError, match="2 weight-averaging callbacks \\(EMAWeightAveraging, WeightAveraging\\): keep one"):
+        trainer.fit(model)
+    assert all(torch.equal(before[k], v) for k, v in params_of(model).items())
+
+
 DDP_SCRIPT = textwrap.dedent("""
     import sys
     import torch
     sys.path.insert(0, sys.argv[2])
     from lightning.pytorch import Callback
     from lightning_transfer import WiSEFT
+    from tests.contract.multiprocess import finish
     from tests.helpers import TinyClassifier, params_of, quiet_trainer
 
     class Capture(Callback):
@@ -236,6 +298,7 @@ DDP_SCRIPT = textwrap.dedent("""
         trainer.fit(model)
         torch.save({"w0": w0, "ft": capture.state, "final": model.state_dict(), "curve": wise.curve,
                     "best": wise.best_alpha}, f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+        finish(trainer)
 """)
 
 

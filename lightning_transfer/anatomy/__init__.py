@@ -9,12 +9,14 @@ Two contracts, used by every callback of the library:
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_transfer.anatomy.heads import _close_names, final_linear, find_head, resolve_module
+from lightning_transfer.anatomy.compiled import is_compiled, plain_name, relative_name
+from lightning_transfer.anatomy.heads import _distinct_children, final_linear, find_head, resolve_module
 from lightning_transfer.anatomy.layouts import (
     AnatomyError,
     common_prefix,
@@ -23,7 +25,8 @@ from lightning_transfer.anatomy.layouts import (
     timm_layer_ids,
 )
 
-__all__ = ["AnatomyError", "BlockGroup", "block_output_module", "find_head", "final_linear", "list_blocks", "resolve_module", "timm_layer_ids"]
+__all__ = ["AnatomyError", "BlockGroup", "block_output_module", "find_head", "final_linear", "is_compiled",
+           "list_blocks", "plain_name", "relative_name", "resolve_module", "timm_layer_ids"]
 
 
 class BlockGroup(nn.Module):
@@ -49,6 +52,9 @@ def block_output_module(block: nn.Module) -> nn.Module:
 
 
 def _match(entry: str, param_name: str) -> bool:
+    plain = plain_name(param_name)
+    if plain != param_name and _match(entry, plain):  # in a compiled network: its plain name matches too
+        return True
     if param_name == entry or param_name.startswith(entry + "."):
         return True
     try:
@@ -66,11 +72,16 @@ def list_blocks(
     (``model.get_submodule(name)`` returns it); a block of several modules and loose parameters by the
     ``|``-join of their names (``conv1|bn1``, a regex that matches exactly them). Either way the names
     round-trip: ``list_blocks(model, blocks=[n for n, _ in list_blocks(model)][:-1])`` gives the same blocks.
+    A ``torch.compile``-d submodule (``self.net = torch.compile(net)``) is looked through: names are those
+    of the uncompiled model (``net.layer1``), and ``blocks`` entries may also spell the wrapper
+    (``net._orig_mod.layer1``); a compiled alias of a network (``self.fwd = torch.compile(self.net)``)
+    is that network.
 
     Args:
         model: The network (or a module whose only parametrized child is the network).
         blocks: Optional explicit blocks, in forward order: each a dotted module name or a regex matched
-            against the start of parameter names. The head is appended when not listed.
+            against the start of parameter names. The head is appended when not listed (it may only be the
+            last entry: the head is not a block, and an entry naming a part of it is an error).
         head: Explicit head name (see :func:`find_head`).
         fine: For timm models, timm's fine grouping (``group_matcher(coarse=False)``: each block of a
             stage on its own, what timm's layer-wise LR decay uses) instead of its stages.
@@ -90,7 +101,8 @@ def list_blocks(
     named = [(n, p) for n, p in model.named_parameters() if id(p) not in head_ids]
 
     if blocks is not None:
-        layout: list[tuple[str, object]] = [(b, b) for b in blocks if b != head_name]
+        _refuse_head_entries([plain_name(b) for b in blocks], head_name)
+        layout: list[tuple[str, object]] = [(b, b) for b in blocks if plain_name(b) != head_name]
         prefix = ""
     else:
         inner, prefix, copies = _unwrap(model, head_name)
@@ -112,10 +124,7 @@ def list_blocks(
     if blocks is not None:
         empty = [b for b, names in assigned.items() if not names]
         if empty:
-            raise AnatomyError(
-                f"Block(s) {empty} match no parameter of {type(model).__name__}. "
-                f"Candidates: {_close_names(model, empty[0])}."
-            )
+            raise _empty_block_error(model, empty, assigned, head_name, head_ids)
         unmatched = [n for n in unmatched if params_all[n].requires_grad]  # frozen leftovers: left alone
         if unmatched:
             raise AnatomyError(
@@ -132,9 +141,56 @@ def list_blocks(
     for name, names in assigned.items():
         if names:
             real, module = _as_module(model, names, params)
-            result.append((name if blocks is not None else real, module))
+            result.append((plain_name(name if blocks is not None else real), module))
     result.append((head_name, head_module))
     return result
+
+
+def _inside(name: str, container: str) -> bool:
+    return name == container or name.startswith(container + ".")
+
+
+def _refuse_head_entries(blocks: Sequence[str], head_name: str) -> None:
+    """The head is not a block: an entry naming it (except as the last entry, where ``list_blocks`` puts it)
+    or a module inside it is an error."""
+    for i, b in enumerate(blocks):
+        if (b == head_name and i < len(blocks) - 1) or b.startswith(head_name + "."):
+            where = "the head" if b == head_name else "a part of the head"
+            raise AnatomyError(
+                f"The head is not a block: blocks entry {b!r} names {where} {head_name!r}. List the blocks "
+                "below the head in forward order; the head is always the last block (it may be named only "
+                "as the last entry, as list_blocks returns it)."
+            )
+
+
+def _empty_block_error(
+    model: nn.Module, empty: list[str], assigned: dict[str, list[str]], head_name: str, head_ids: set[int]
+) -> AnatomyError:
+    """Why the first of the ``empty`` entries matches no parameter, with candidates other than itself."""
+    wrong = empty[0]
+    named = list(model.named_parameters())
+    modules = {plain_name(n): m for n, m in model.named_modules()}  # compiled submodules: plain names
+    earlier = [b for b, names in assigned.items() if b != wrong and any(_match(wrong, n) for n in names)]
+    if wrong in modules and not any(True for _ in modules[wrong].parameters()):
+        reason = f"{wrong!r} is a {type(modules[wrong]).__name__}, which holds no parameter"
+    elif (matched := [p for n, p in named if _match(wrong, n)]) and all(id(p) in head_ids for p in matched):
+        reason = f"the head is not a block: {wrong!r} matches only parameters of the head {head_name!r}"
+    elif earlier:
+        reason = f"its parameters already belong to the earlier block {earlier[0]!r} (the first match wins)"
+    else:
+        reason = f"{wrong!r} is neither a module name nor a regex matching the start of a parameter name"
+    names = [n for n, m in modules.items() if n and n != wrong and not _inside(n, head_name)
+             and any(True for _ in m.parameters())]
+    close = [] if reason.startswith("the head") else difflib.get_close_matches(wrong, names, n=12, cutoff=0.4)
+    if not close:  # the blocks list_blocks detects
+        try:
+            close = [n for n, _ in list_blocks(model, head=head_name)[:-1]]
+        except AnatomyError:
+            close = names[:12]
+    return AnatomyError(
+        f"Block(s) {empty} match no parameter of {type(model).__name__}: {reason}. "
+        f"Candidates: {', '.join(repr(c) for c in close) or 'none'}."
+    )
 
 
 def _signature(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -151,11 +207,11 @@ def _unwrap(model: nn.Module, head_name: str) -> tuple[nn.Module, str, list[str]
     """
     prefix, copies = "", []
     while known_layout(model) is None:
-        children = [(n, c) for n, c in model.named_children() if any(True for _ in c.parameters())]
+        children = _distinct_children(model)  # a compiled alias of a child is that child
         if list(model.parameters(recurse=False)) or not children:
             break
         if len(children) > 1:
-            holder = [(n, c) for n, c in children if head_name.startswith(prefix + n + ".")]
+            holder = [(n, c) for n, c in children if head_name.startswith(plain_name(prefix + n) + ".")]
             if len(holder) != 1:
                 break
             signature = _signature(holder[0][1])

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_transfer.anatomy.compiled import inner_module, is_wrapper
 from lightning_transfer.anatomy.hf import hf_layout
 
 __all__ = ["AnatomyError", "common_prefix", "generic_layout", "known_layout", "timm_layer_ids"]
@@ -88,7 +89,7 @@ def timm_layer_ids(model: nn.Module) -> dict[str, int] | None:
 
     Parameters no group matches (the head, and e.g. ``fc_norm``) share the last id, as in timm.
     """
-    if not hasattr(model, "group_matcher"):
+    if not hasattr(model, "group_matcher") or is_wrapper(model):  # compiled: the ids are the inner model's
         return None
     from timm.models import group_parameters
 
@@ -98,6 +99,8 @@ def timm_layer_ids(model: nn.Module) -> dict[str, int] | None:
 
 
 def known_layout(model: nn.Module, fine: bool = False) -> list[tuple[str, object]] | None:
+    if is_wrapper(model):  # a compiled network forwards attribute reads: its layout is the inner network's
+        return None
     return _timm_layout(model, fine) or _lite_layout(model) or hf_layout(model) or _torchvision_layout(model)
 
 
@@ -115,6 +118,7 @@ def generic_layout(model: nn.Module) -> list[tuple[str, str]]:
     """Top-level children in registration order, Sequential/ModuleList children expanded."""
     layout: list[tuple[str, str]] = []
     for name, child in model.named_children():
+        child = inner_module(child)  # a compiled child: its plain names (they match its parameters too)
         if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
             layout += [(f"{name}.{i}", rf"{re.escape(name)}\.{re.escape(i)}") for i, _ in child.named_children()]
         else:

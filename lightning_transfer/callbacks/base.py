@@ -15,13 +15,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_transfer.anatomy import AnatomyError, find_head
+from lightning_transfer.anatomy import AnatomyError, find_head, plain_name
 from lightning_transfer.functional.sharding import is_sharded, local
 from lightning_transfer.optim import norm_and_bias_ids
 
 __all__ = [
-    "GradientRegularizer", "add_to_grads", "check_one_optimizer_per_parameter", "local_grads", "optimizer_param_ids",
-    "select_parameters",
+    "GradientRegularizer", "add_to_grads", "carried_grad_scale", "check_one_optimizer_per_parameter",
+    "is_logging_step", "local_grads", "optimizer_param_ids", "select_parameters",
 ]
 
 
@@ -45,14 +45,15 @@ def select_parameters(
             pattern = re.compile(e)
         except re.error as err:
             raise ValueError(f"exclude entry {e!r} is not a valid regex: {err}") from None
-        if not any(pattern.search(n) for n, _ in named):
-            sample = ", ".join(n for n, _ in named[:8])
+        if not any(pattern.search(n) or pattern.search(plain_name(n)) for n, _ in named):  # compiled: either name
+            sample = ", ".join(plain_name(n) for n, _ in named[:8])
             raise AnatomyError(f"exclude entry {e!r} matches no parameter. Parameter names look like: {sample}, ...")
         patterns.append(pattern)
     skip = set() if include_norm_and_bias else norm_and_bias_ids(pl_module)
     transferred = [
         (n, p) for n, p in named
-        if id(p) not in head_ids and id(p) not in skip and not any(pt.search(n) for pt in patterns)
+        if id(p) not in head_ids and id(p) not in skip
+        and not any(pt.search(n) or pt.search(plain_name(n)) for pt in patterns)
     ]
     head_params = [(n, p) for n, p in named if id(p) in head_ids]
     return transferred, head_params, head_name
@@ -66,21 +67,66 @@ def local_grads(params: Sequence[Tensor]) -> list[Tensor]:
     return [local(p.grad) for p in params]
 
 
-def add_to_grads(params: Sequence[Tensor], contributions: Sequence[Tensor]) -> None:
-    """``p.grad += r`` for every pair, with one fused kernel per device/dtype group.
+def add_to_grads(params: Sequence[Tensor], contributions: Sequence[Tensor], scale: Tensor | None = None) -> None:
+    """``p.grad += scale·r`` for every pair, with one fused kernel per device/dtype group.
 
     ``r`` has the shape of this rank's part of ``p`` (its local shard when ``p`` is an FSDP2 DTensor).
+    ``scale``: the factor the gradients still carry (:func:`carried_grad_scale`); ``None`` for 1.
     """
     existing_p, existing_r = [], []
     for p, r in zip(params, contributions):
         if p.grad is None and not is_sharded(p):
-            p.grad = r.to(p.dtype).clone()
+            p.grad = (r.clone() if scale is None else r * scale).to(p.dtype)
         else:
             g = local_grads([p])[0]
             existing_p.append(g)
             existing_r.append(r if r.dtype == g.dtype else r.to(g.dtype))
-    if existing_p:
+    if not existing_p:
+        return
+    if scale is None:
         torch._foreach_add_(existing_p, existing_r)
+    else:
+        torch._foreach_addcmul_(existing_p, existing_r, [scale] * len(existing_p))
+
+
+def carried_grad_scale(trainer: Trainer, optimizer: Optimizer | None = None) -> Tensor | None:
+    """The factor that ``.grad`` still carries in ``on_before_optimizer_step`` of ``optimizer``; ``None`` for 1.
+
+    Lightning's 16-bit ``MixedPrecision`` unscales the gradients (``GradScaler.unscale_``) before that hook,
+    except for an optimizer that unscales inside its own step (``fused=True`` Adam, AdamW, SGD: torch's
+    ``_step_supports_amp_scaling``). There ``.grad`` is still multiplied by the scaler's current scale
+    ``S``, the fused step divides everything in ``.grad`` by ``S``, and so whatever a callback adds to
+    ``.grad`` must be multiplied by ``S`` too, or it is divided away. Returns ``S`` as the scaler's own
+    0-d tensor (no host synchronization; read it before the step, which updates it in place), or ``None``
+    when the gradients are unscaled (no scaler, bf16, or an optimizer that does not unscale itself).
+
+    Args:
+        trainer: The Trainer whose precision plugin holds the scaler.
+        optimizer: The optimizer about to step (torch or ``LightningOptimizer``); ``None``: the Trainer's
+            optimizers, which must then agree.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    optimizers = list(trainer.optimizers) if optimizer is None else [optimizer]
+    unscale_themselves = {bool(getattr(getattr(o, "_optimizer", o), "_step_supports_amp_scaling", False))
+                          for o in optimizers}
+    if len(unscale_themselves) > 1:
+        raise ValueError("Some optimizers unscale AMP gradients in their own step (fused=True) and others do not: "
+                         "pass the optimizer about to step to tell which factor its gradients carry.")
+    if unscale_themselves != {True}:
+        return None
+    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+    return scale if scale is not None else torch.tensor(float(scaler.get_scale()))
+
+
+def is_logging_step(trainer: Trainer) -> bool:
+    """Whether a value logged in this training step reaches the loggers (Lightning writes every
+    ``log_every_n_steps``), or it is the first step (so that short runs have it in ``callback_metrics``):
+    values that cost a pass over the parameters are computed on those steps only."""
+    connector = getattr(trainer, "_logger_connector", None)
+    written = bool(connector.should_update_logs) if connector is not None else False
+    return written or trainer.global_step % max(1, trainer.log_every_n_steps) == 0
 
 
 _PARAM_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -124,9 +170,11 @@ class GradientRegularizer(Callback):
 
     By default the callback adds ``r`` to ``.grad`` itself in ``on_before_optimizer_step``, which
     Lightning calls after gradient accumulation, AMP unscaling and the DDP all-reduce, and before
-    gradient clipping and the optimizer. A :class:`~lightning_transfer.DTNH` callback takes the
-    contribution over with :meth:`defer`: the regularizer then does nothing in its own hook and DTNH
-    asks it for ``r`` with :meth:`regularizer_gradients`, so the order of callbacks does not matter.
+    gradient clipping and the optimizer. An optimizer that unscales inside its step (``fused=True``
+    under a 16-bit GradScaler) gets ``S·r`` (see :func:`carried_grad_scale`), so its step applies ``r``.
+    A :class:`~lightning_transfer.DTNH` callback takes the contribution over with :meth:`defer`: the
+    regularizer then does nothing in its own hook and DTNH asks it for ``r`` with
+    :meth:`regularizer_gradients`, so the order of callbacks does not matter.
     """
 
     def __init__(self) -> None:
@@ -195,7 +243,7 @@ class GradientRegularizer(Callback):
         if self.is_deferred(trainer) or not self.contributes_gradient:
             return
         params, contributions = self.regularizer_gradients(trainer, pl_module, optimizer)
-        add_to_grads(params, contributions)
+        add_to_grads(params, contributions, carried_grad_scale(trainer, optimizer))
 
 
 def warn_weight_decay_on(trainer: Trainer, params: Sequence[Tensor], who: str) -> None:

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import ast
 import copy
+import inspect
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_transfer import batches
-from lightning_transfer.anatomy import resolve_module
+from lightning_transfer.anatomy import AnatomyError, find_head, relative_name, resolve_module
 from lightning_transfer.callbacks.base import GradientRegularizer, optimizer_param_ids
+from lightning_transfer.compilation import eager, recompile, reference_copy
 from lightning_transfer.functional.feature_maps import (
+    add_gradient_hooks,
     channel_attention,
     feature_map_penalty,
+    feature_map_penalty_grad,
+    gradient_reaches,
     resolve_channel_dim,
 )
 from lightning_transfer.validation import check_int, check_number, check_strategy, check_strings
@@ -27,6 +34,34 @@ from lightning_transfer.validation import check_int, check_number, check_strateg
 __all__ = ["FeatureMapRegularization"]
 
 OWNER = "FeatureMapRegularization"
+_STOCHASTIC_DEPTH = ("DropPath", "StochasticDepth")  # timm's and torchvision's: dropout of a residual branch
+
+
+def _check_layer_kind(pl_module: nn.Module, name: str, layer: nn.Module) -> None:
+    """Refuse a layer whose output is no feature map to keep close to the pre-trained one; warn on the
+    head."""
+    if isinstance(layer, nn.modules.loss._Loss):
+        raise AnatomyError(f"{OWNER}: layers entry {name!r} is a loss ({type(layer).__name__}), not a feature "
+                           "layer: its output is a loss value. Name backbone layers instead.")
+    if isinstance(layer, nn.modules.dropout._DropoutNd) or type(layer).__name__ in _STOCHASTIC_DEPTH:
+        raise AnatomyError(
+            f"{OWNER}: layers entry {name!r} is a {type(layer).__name__}: its output is randomly masked in "
+            "training but not in the reference (eval mode), so the penalty would add the dropout noise to "
+            "the feature distance. Name the layer before it (the same features without the noise)."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            head_name, head = find_head(pl_module)
+        except AnatomyError:
+            return
+    if layer is head or any(m is layer for m in head.modules()):
+        rank_zero_warn(
+            f"{OWNER}: layers entry {name!r} is the model's head {head_name!r}: its reference output is the "
+            "head's output when fit starts, a random initialization for a new head, which the penalty would "
+            "pull the logits toward. DELTA regularizes backbone layers; keep the head only if it was already "
+            "trained (e.g. a fit after linear probing)."
+        )
 
 
 class FeatureMapRegularization(GradientRegularizer):
@@ -34,16 +69,27 @@ class FeatureMapRegularization(GradientRegularizer):
 
     ``FM(w0, ·)`` comes from a frozen copy of the model taken when fit starts (in eval mode: fixed
     BatchNorm statistics, no dropout), run on the same inputs as the live model. Nothing in the user's
-    ``training_step`` changes: forward hooks capture the live features, and the penalty's gradient ``r``
-    is computed by its own autograd pass right after the forward (before the main backward frees the
-    graph), for the parameters of ``root`` that require grad at that forward (so blocks a
-    :class:`FreezeSchedule` unfreezes later are regularized from then on; a micro-batch with no
-    trainable parameter upstream of the layers is skipped and counted in ``delta/skipped``). ``r`` is
-    accumulated per parameter over micro-batches exactly as Lightning scales the loss, averaged across
-    DDP ranks, and added in ``on_before_optimizer_step`` to the parameters of the optimizer being
-    stepped (each once, whatever the number of optimizers), or handed to DTNH. Under 16-bit AMP the
-    pass uses the GradScaler's scale and unscales ``r``; a non-finite ``r`` is dropped and counted in
-    ``delta/nonfinite``. A resume with changed ``alpha``/``attention`` keeps the checkpoint's reference.
+    ``training_step`` changes: forward hooks capture the live features ``F``. The penalty depends on the
+    parameters only through ``F``, so its gradient enters the main backward: a gradient hook on each ``F``
+    adds ``S·∂P/∂F/k`` (``∂P/∂F = α·(F − F0)/B``, masked and channel-weighted like the penalty; ``S`` the
+    GradScaler's scale, ``k`` Lightning's loss division under accumulation), which the backward carries
+    to every trainable parameter upstream at no extra pass: exactly the penalty in the loss, also for
+    blocks a :class:`FreezeSchedule` unfreezes later, over partial accumulation windows, under DDP and
+    with any number of optimizers. The first capture checks that the loss's graph reaches every ``F``
+    (not so for an output the loss does not use, or one used only inside a compiled graph); where it
+    does not, and with DTNH (which needs ``r`` apart from the task gradient), ``r`` comes from its own
+    autograd pass over the parameters of ``root`` that require grad at that forward, accumulated per
+    parameter as Lightning scales the loss, averaged across DDP ranks, and added in
+    ``on_before_optimizer_step`` to the parameters of the optimizer being stepped or handed to DTNH; a
+    non-finite ``r`` of that pass is dropped and counted in ``delta/nonfinite`` (in the one-backward
+    path it makes the step non-finite, as the penalty in the loss would). A micro-batch with no trainable
+    parameter upstream of the layers is skipped and counted in ``delta/skipped``. A resume with changed
+    ``alpha``/``attention`` keeps the checkpoint's reference.
+
+    Token models: when root receives an ``attention_mask`` (a keyword argument, an entry of a dict
+    input, or the argument of that name), a ``(B, T, C)`` layer output counts the real tokens only:
+    ``‖F − F0‖²`` is summed over the real tokens of each example, then averaged over the batch, so
+    padding (left or right, of any length) changes neither the penalty nor its gradient.
 
     Channel attention (DELTA's "with attention" variant, ``attention=True``): at the start of epoch
     ``attention_epoch``, each channel ``c`` of each layer is weighted by ``C·softmax(Δ_c/T)``, where
@@ -56,7 +102,9 @@ class FeatureMapRegularization(GradientRegularizer):
     with ``labels``; the model may return logits or a ``ModelOutput``. It costs one forward per channel.
 
     Args:
-        layers: Dotted module names whose outputs are regularized (unknown names list candidates).
+        layers: Dotted module names whose outputs are regularized (unknown names list candidates). A
+            dropout or stochastic-depth layer (noised in training only) and a loss module are refused;
+            the head is accepted with a warning (its reference output is that of its initialization).
         alpha: Strength (finite, >= 0).
         root: Module whose forward receives the inputs (default: the top-level child of the
             LightningModule containing all layers, e.g. ``backbone``; the LightningModule itself when
@@ -71,7 +119,20 @@ class FeatureMapRegularization(GradientRegularizer):
 
     Example::
 
-        trainer = Trainer(callbacks=[FeatureMapRegularization(["backbone.layer3", "backbone.layer4"], alpha=0.01)])
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_transfer import TransferClassifier
+        >>> net = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> model = TransferClassifier(net, num_classes=3, weight_decay=0.0)
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> delta = FeatureMapRegularization(["backbone.1"], alpha=0.01)  # the hidden ReLU's output
+        >>> trainer = Trainer(max_epochs=1, callbacks=[delta],
+        ...                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False)
+        >>> trainer.fit(model, data)
+        >>> float(trainer.callback_metrics["delta/penalty"]) > 0
+        True
     """
 
     def __init__(
@@ -115,6 +176,12 @@ class FeatureMapRegularization(GradientRegularizer):
         self._captures = 0  # training forwards of root seen in this fit
         self._captures_at: dict[int | None, int] = {}  # ... when each optimizer last stepped
         self._nonfinite = self._skipped = 0
+        self._one_backward: bool | None = None  # r enters the main backward (decided at the first capture)
+        self._pending: list[Tensor] = []  # live maps of a capture whose reachability from the loss is checked
+        self._unfired = 0  # gradient hooks registered and not yet run
+        self._backward_ran = False  # in this batch
+        self._passes = 0  # separate autograd passes run in this fit
+        self._passes_at: dict[int | None, int] = {}  # ... when each optimizer last stepped
         self._pl_module: LightningModule | None = None
         self._trainer: Trainer | None = None
 
@@ -136,11 +203,11 @@ class FeatureMapRegularization(GradientRegularizer):
                        "the pre-trained feature maps, and a sharded reference is not implemented")
         self.channel_weights, self._loaded = None, None  # a new fit (a resume restores them after setup)
         for name in self.layers:
-            resolve_module(pl_module, name, "layer")
+            _check_layer_kind(pl_module, name, resolve_module(pl_module, name, "layer"))
         root = self._root_name()
         if root:
             resolve_module(pl_module, root, "root")
-            outside = [n for n in self.layers if not n.startswith(root + ".")]
+            outside = [n for n in self.layers if not relative_name(n, root)]
             if outside:
                 raise ValueError(f"layers {outside} are not inside root {root!r}; choose a root that contains all layers.")
 
@@ -149,23 +216,24 @@ class FeatureMapRegularization(GradientRegularizer):
         self._trainer, self._pl_module = trainer, pl_module
         root_name = self._root_name()
         root = pl_module.get_submodule(root_name) if root_name else pl_module
-        self._reference = copy.deepcopy(root).eval().requires_grad_(False)
+        self._reference = reference_copy(root).eval().requires_grad_(False)
         if self._loaded is not None:  # resume: the reference is the model as it was when fit first started
             self._reference.load_state_dict(self._loaded)
             self._loaded = None
-        prefix = root_name + "." if root_name else ""
         # all of root's parameters: those that require grad are taken at each forward (FreezeSchedule)
         self._root_params = list(root.parameters())
         self._accum, self._captures, self._captures_at, self._nonfinite, self._skipped = {}, 0, {}, 0, 0
+        self._one_backward, self._pending, self._unfired, self._passes, self._passes_at = None, [], 0, 0, {}
         self._channel_dims = {}
         self._handles = [
             root.register_forward_pre_hook(self._on_root_input, with_kwargs=True),
             root.register_forward_hook(self._on_root_output),
         ]
         for full in self.layers:
-            name = full[len(prefix):]
+            name = relative_name(full, root_name)
             self._handles.append(root.get_submodule(name).register_forward_hook(self._store(self._live, full)))
             self._handles.append(self._reference.get_submodule(name).register_forward_hook(self._store(self._ref, full)))
+        recompile(pl_module)  # a compiled model's cached graphs run without hooks added after them
         self._capturing = False
         self._inputs: tuple[tuple, dict] | None = None
 
@@ -180,6 +248,20 @@ class FeatureMapRegularization(GradientRegularizer):
         if name not in self._channel_dims:
             self._channel_dims[name] = resolve_channel_dim(pl_module.get_submodule(name), shape, self.channel_dim, name)
         return self._channel_dims[name]
+
+    @staticmethod
+    def _token_mask(module: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+        """The ``(B, T)`` ``attention_mask`` among root's forward inputs: a keyword, a dict input's entry, or
+        the positional argument that ``forward``'s signature names so; ``None`` when there is none."""
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = next((a["attention_mask"] for a in args if isinstance(a, Mapping) and "attention_mask" in a), None)
+        if mask is None and args:
+            try:
+                mask = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except (TypeError, ValueError):  # no readable signature, or arguments it does not bind
+                mask = None
+        return mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
 
     def _on_root_input(self, module, args, kwargs):
         self._capturing = module.training and torch.is_grad_enabled() and self.alpha > 0
@@ -211,17 +293,62 @@ class FeatureMapRegularization(GradientRegularizer):
         if self.channel_weights is not None:
             weights = [w.to(f.device) for w, f in zip(self.channel_weights, live)]
             dims = [self._dim_of(self._pl_module, n, tuple(f.shape)) for n, f in zip(self.layers, live)]
-        penalty = feature_map_penalty(live, ref, self.alpha, weights, dims)
+        # padding tokens are not features: (B, T, C) outputs count the real tokens of the batch's attention_mask
+        mask = self._token_mask(module, ref_args, ref_kwargs)
+        if self._one_backward and not self.is_deferred(self._trainer):
+            self._hook_gradient(live, ref, weights, dims, mask)
+        else:
+            self._separate_pass(live, ref, weights, dims, mask, params)
+
+    def _hook_gradient(self, live: list[Tensor], ref: list[Tensor], weights: list[Tensor] | None, dims: list[int],
+                       mask: Tensor | None) -> None:
+        """One backward: a gradient hook on each live map adds ``S·∂P/∂F/k`` to the gradient flowing into it,
+        which the main backward carries to every trainable parameter upstream: the penalty in the loss."""
+        value, grads = feature_map_penalty_grad(live, ref, self.alpha, weights, dims, mask)
+        self._pl_module.log("delta/penalty", value, on_step=True, on_epoch=False)
+        pairs = [(f, g) for f, g in zip(live, grads) if f.requires_grad]
+        if not pairs:  # no trainable parameter upstream of the layers
+            self._skipped += 1
+            return
+        self._unfired += len(pairs)
+        add_gradient_hooks([f for f, _ in pairs], [g for _, g in pairs], self._loss_factor, self._on_hook)
+
+    def _on_hook(self) -> None:
+        self._unfired -= 1
+
+    def _loss_factor(self) -> float | Tensor:
+        """What Lightning multiplies the loss by before backward: the GradScaler's scale ``S`` (a tensor, read
+        without a host synchronization) over ``k = accumulate_grad_batches`` (automatic optimization only)."""
+        trainer = self._trainer
+        k = trainer.accumulate_grad_batches if trainer.lightning_module.automatic_optimization else 1
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
+        return 1.0 / k if scale is None else scale / k
+
+    def _separate_pass(self, live: list[Tensor], ref: list[Tensor], weights: list[Tensor] | None, dims: list[int],
+                       mask: Tensor | None, params: list[nn.Parameter]) -> None:
+        """``r`` apart from the task gradient (DTNH needs it so): its own autograd pass over the graph kept
+        for the main backward, accumulated per parameter as Lightning scales the loss."""
+        penalty = feature_map_penalty(live, ref, self.alpha, weights, dims, mask)
         self._pl_module.log("delta/penalty", penalty.detach(), on_step=True, on_epoch=False)
         if not penalty.requires_grad:  # no trainable parameter upstream of the layers
             self._skipped += 1
             return
+        if self._one_backward is None and not self.is_deferred(self._trainer):
+            self._pending = [f for f in live if f.requires_grad]  # on_before_backward decides the next captures' path
+        self._passes += 1
         scaler = getattr(self._trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None else 1.0
         grads = torch.autograd.grad(penalty * scale, params, retain_graph=True, allow_unused=True)
-        factor = 1.0 / (scale * self._trainer.accumulate_grad_batches)
-        kept = [(p, g.detach() * factor) for p, g in zip(params, grads) if g is not None]
-        if not all(torch.isfinite(g).all() for _, g in kept):
+        kept = [(p, g) for p, g in zip(params, grads) if g is not None]
+        if not kept:
+            return
+        factor, rs = 1.0 / (scale * self._trainer.accumulate_grad_batches), [g for _, g in kept]
+        if len({g.data_ptr() for g in rs}) == len(rs):  # autograd's own tensors: scaled in place
+            torch._foreach_mul_(rs, factor)
+        else:  # one gradient tensor handed to several parameters (e.g. biases added to the same sum)
+            kept = list(zip([p for p, _ in kept], torch._foreach_mul(rs, factor)))
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in kept])).sum())):
             self._nonfinite += 1
             return
         for p, g in kept:  # keyed by parameter: the trainable set may change inside a window
@@ -229,6 +356,25 @@ class FeatureMapRegularization(GradientRegularizer):
                 self._accum[id(p)][1].add_(g)
             else:
                 self._accum[id(p)] = (p, g)
+
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        """At the first capture with a gradient: the hook path is taken from then on when the loss's graph
+        reaches every live map (not so for a map used only inside a compiled graph: its hook sees no gradient)."""
+        pending, self._pending, self._backward_ran = self._pending, [], True
+        if pending and isinstance(loss, Tensor) and loss.requires_grad:
+            self._one_backward = all(gradient_reaches(loss, pending))
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._unfired and self._backward_ran:  # a live map got no gradient in the backward: its hook added no r
+            self._one_backward = False
+            rank_zero_warn(f"{OWNER}: no gradient reached a regularized layer's output in the backward (does the loss "
+                           "use it?), so this batch lacked the penalty's gradient; the following batches compute it in "
+                           "a separate autograd pass.")
+        # hooks on the graph of a batch without backward (training_step returned None) are dead
+        self._unfired, self._backward_ran = 0, False
 
     @override
     def regularizer_gradients(
@@ -243,6 +389,7 @@ class FeatureMapRegularization(GradientRegularizer):
                 "root='<module your training_step calls>'."
             )
         self._captures_at[key] = self._captures
+        passes, self._passes_at[key] = self._passes - self._passes_at.get(key, 0), self._passes
         pl_module.log("delta/nonfinite", float(self._nonfinite), on_step=True, on_epoch=False)
         pl_module.log("delta/skipped", float(self._skipped), on_step=True, on_epoch=False)
         self._nonfinite = self._skipped = 0
@@ -251,7 +398,7 @@ class FeatureMapRegularization(GradientRegularizer):
         entries = [self._accum.pop(k) for k in mine]
         # a parameter frozen since its r was accumulated must get no .grad (the optimizer would move it)
         entries = [(p, r) for p, r in entries if p.requires_grad]
-        if trainer.world_size > 1 and self.alpha > 0:  # g is already averaged across ranks: r must be too
+        if trainer.world_size > 1 and self.alpha > 0 and passes:  # g is averaged across ranks: r must be too
             # the same parameters in the same order on every rank: those with a (DDP-synchronized) task gradient
             got = {id(p): r for p, r in entries}
             params = [p for p in self._root_params if p.requires_grad and p.grad is not None and (ids is None or id(p) in ids)]
@@ -265,7 +412,8 @@ class FeatureMapRegularization(GradientRegularizer):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.attention and self.channel_weights is None and trainer.current_epoch >= self.attention_epoch:
-            self.channel_weights = self._measure_attention(trainer, pl_module)
+            with eager():  # its per-channel hooks live for one pass: compiled graphs would skip them
+                self.channel_weights = self._measure_attention(trainer, pl_module)
 
     @torch.no_grad()
     def _measure_attention(self, trainer: Trainer, pl_module: LightningModule) -> list[Tensor]:

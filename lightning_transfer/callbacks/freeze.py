@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_transfer.anatomy import list_blocks
+from lightning_transfer.compilation import recompile
 from lightning_transfer.freezing import (
     ALL,
     accuracy_across_unfreeze,
@@ -25,6 +26,7 @@ from lightning_transfer.freezing import (
     trains_batchnorm,
     user_frozen_ids,
 )
+from lightning_transfer.optim import check_fresh_state_supported, reset_optimizer_state
 from lightning_transfer.validation import check_choice, check_int, check_strategy, check_strings
 
 __all__ = ["FreezeSchedule"]
@@ -83,7 +85,23 @@ class FreezeSchedule(Callback):
 
     Example::
 
-        trainer = Trainer(max_epochs=20, callbacks=[FreezeSchedule.lp_ft(probe_epochs=5)])
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_transfer import TransferClassifier
+        >>> net = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> model = TransferClassifier(net, num_classes=3, weight_decay=0.0)
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> schedule = FreezeSchedule(depth=1)  # the first block (backbone.0) frozen all run
+        >>> trainer = Trainer(max_epochs=1, callbacks=[schedule],
+        ...                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False)
+        >>> trainer.fit(model, data)
+        >>> [(name, p.requires_grad) for name, p in model.named_parameters()]
+        [('backbone.0.weight', False), ('backbone.0.bias', False),
+         ('backbone.2.weight', True), ('backbone.2.bias', True)]
+        >>> FreezeSchedule.lp_ft(probe_epochs=5).milestones  # linear probing for 5 epochs, then everything trains
+        {0: 'all', 5: 0}
     """
 
     def __init__(
@@ -213,12 +231,16 @@ class FreezeSchedule(Callback):
     def _apply(self, trainer: Trainer | None, depth: int, training: bool = True) -> None:
         previous = self.current_depth
         freeze_blocks(self._blocks, depth, self.bn, training, self._user_frozen)
+        fitting = trainer or (self._trainer() if self._trainer is not None else None)
+        if depth != previous and fitting is not None and fitting.lightning_module is not None:
+            # each requires_grad pattern is a new graph of a compiled model; keeping the old ones would
+            # reach dynamo's recompile_limit within a few transitions and leave the network uncompiled
+            recompile(fitting.lightning_module)
         if trainer is not None and previous is not None and depth < previous:
             # blocks depth..previous-1 train again: fresh optimizer state (momentum from before is stale)
-            ids = {id(p) for _, block in self._blocks[depth:previous] for p in block.parameters()} - self._user_frozen
-            for opt in trainer.optimizers:
-                for p in [p for p in opt.state if id(p) in ids]:
-                    del opt.state[p]
+            thawed = [p for _, block in self._blocks[depth:previous] for p in block.parameters()
+                      if id(p) not in self._user_frozen]
+            reset_optimizer_state(trainer.optimizers, thawed)
         self.current_depth = depth
 
     @override
@@ -235,6 +257,7 @@ class FreezeSchedule(Callback):
                 f"(e.g. {missing[:3]}). Build the optimizer over all parameters, e.g. "
                 "torch.optim.SGD(self.parameters(), ...): frozen ones get no gradient and no update."
             )
+        check_fresh_state_supported(trainer.optimizers, "FreezeSchedule")
         self._ddp_managed = {id(p) for p in pl_module.parameters() if p.requires_grad}
         self._started = True
 

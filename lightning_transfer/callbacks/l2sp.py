@@ -14,7 +14,9 @@ from typing_extensions import override
 
 from lightning_transfer.callbacks.base import (
     GradientRegularizer,
+    carried_grad_scale,
     check_one_optimizer_per_parameter,
+    is_logging_step,
     local_grads,
     optimizer_param_ids,
     select_parameters,
@@ -30,6 +32,7 @@ from lightning_transfer.functional.sharding import (
     reduce_partial_sums,
     shard_like,
 )
+from lightning_transfer.functional.sp_updates import l2sp_grad_into_, l2sp_pull_
 from lightning_transfer.validation import check_choice, check_number, check_strategy, check_strings
 
 __all__ = ["L2SP"]
@@ -43,7 +46,9 @@ class L2SP(GradientRegularizer):
     Adds the gradient of ``Ω(w) = α·P(w_S − w0_S) + β/2·‖w_head‖²`` to every optimizer step, where
     ``P`` is ``½‖·‖²`` (``norm="l2"``), ``‖·‖₁`` (``"l1"``) or the group lasso (``"group_lasso"``),
     optionally weighted by a diagonal Fisher. The gradient is analytic (no extra backward pass) and
-    is added in ``on_before_optimizer_step``: after accumulation and AMP unscaling, before clipping.
+    is added in ``on_before_optimizer_step``: after accumulation and AMP unscaling, before clipping (an
+    optimizer that unscales in its own step, ``fused=True`` under a 16-bit GradScaler, gets it scaled
+    like the gradients it unscales).
     The result equals putting ``Ω`` in the loss of every micro-batch, also on a last accumulation window
     shorter than ``accumulate_grad_batches`` (``r`` is scaled like the task gradient there) and with
     several optimizers (each optimizer's step gets ``r`` of its own parameters only).
@@ -63,13 +68,16 @@ class L2SP(GradientRegularizer):
         head: Dotted name of the new head; auto-detected by default.
         exclude: Regexes of parameter names left out of the penalty.
         include_norm_and_bias: Also anchor norm-layer and bias tensors (as the authors' PyTorch code).
-        decoupled: Pull ``w ← w − lr·α·(w − w0)`` beside the optimizer step (AdamW-style) instead of
-            adding the gradient; useful with Adam, whose scaling otherwise distorts the penalty.
+        decoupled: Pull ``w ← w − lr·α·(w − w0)`` beside the optimizer step (AdamW-style: on the weights
+            before the step) instead of adding the gradient; useful with Adam, whose scaling otherwise
+            distorts the penalty. For the default norm without Fisher it is one ``_foreach_lerp_`` toward
+            ``w0`` (12 bytes per fp32 parameter).
         anchor_dtype: ``"float32"`` or ``"bfloat16"`` (halves the memory of ``w0``).
-        fused: Apply the default (``"l2"``, coupled, no Fisher) gradient with a ``torch.compile``-d
-            kernel at the memory-traffic floor (one read of w, w0, g and one write of g); the first step
-            pays the compilation (about 20 s on a 2-core CPU). Falls back to eager with a warning (also
-            under sharded training).
+        fused: Worth it only for long CPU runs whose steps are short next to a pass over the parameters:
+            the default eager kernel costs about 1.5 passes more than the floor (1–3 % of a ResNet-18 CPU
+            step), and this ``torch.compile``-d kernel reaches the floor (one read of w, w0, g and one write
+            of g) after about 20 s of compilation on the first step; it applies to the default norm, coupled,
+            without Fisher, and falls back to eager with a warning (also under sharded training).
 
     Sharded training (FSDP2, ``ModelParallelStrategy`` with ``fully_shard``): every rank keeps the
     anchors (and Fisher) of its own shards only (1/N of the model), the penalty and its gradient are
@@ -78,7 +86,19 @@ class L2SP(GradientRegularizer):
 
     Example::
 
-        trainer = Trainer(callbacks=[L2SP(alpha=0.01, beta=0.01)])
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_transfer import TransferClassifier
+        >>> net = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> model = TransferClassifier(net, num_classes=3, weight_decay=0.0)
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> trainer = Trainer(max_epochs=1, callbacks=[L2SP(alpha=0.01, beta=0.01)],
+        ...                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False)
+        >>> trainer.fit(model, data)
+        >>> float(trainer.callback_metrics["l2sp/penalty"]) > 0  # the weights moved away from w0
+        True
     """
 
     def __init__(
@@ -122,6 +142,7 @@ class L2SP(GradientRegularizer):
         self._head_params: list[torch.nn.Parameter] = []
         self._loaded: dict[str, Tensor] | None = None
         self._workspace: dict = {}  # scratch buffer of the fused CPU path
+        self._r_buffers: dict[int, Tensor] = {}  # r handed to DTNH, by parameter id (kept: no allocation per step)
         self._sharded = False  # parameters are FSDP2 DTensors: anchors hold local shards
         self._started = False  # on_fit_start ran in this fit (sharded strategies restore state after it)
 
@@ -161,6 +182,7 @@ class L2SP(GradientRegularizer):
         self._names = [n for n, _ in transferred]
         self._params = [p for _, p in transferred]
         self._head_params = [p for _, p in head_params]
+        self._r_buffers = {}
         check_one_optimizer_per_parameter(trainer.optimizers, transferred + head_params, "L2SP")
         check_shardable(transferred + head_params, "L2SP")
         self._sharded = any(is_sharded(p) for p in self._params + self._head_params)
@@ -233,16 +255,61 @@ class L2SP(GradientRegularizer):
     def regularizer_gradients(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer | None = None
     ) -> tuple[list[Tensor], list[Tensor]]:
+        """``(params, r)``; for the default norm without Fisher, ``r`` lies in buffers this callback keeps (no
+        allocation per step), valid until its next call."""
         ids = self._subset_ids(trainer, optimizer)
         log_now = self._log_now(trainer)
-        params, grads, value = self._terms(log_now and ids is None, ids, self.window_scale(trainer))
+        if self.norm == "l2" and self._fisher is None:
+            params, grads, value = self._buffered_terms(log_now and ids is None, ids, self.window_scale(trainer))
+        else:
+            params, grads, value = self._terms(log_now and ids is None, ids, self.window_scale(trainer))
         if log_now:
             self._log_penalty(pl_module, value)
         return params, grads
 
+    def _buffered_terms(self, compute_value: bool, ids: set[int] | None, scale: float
+                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """:meth:`_terms` of the default norm, with ``r`` written into per-parameter buffers kept across steps."""
+        params, anchors, _, head = self._active(ids)
+        head = head if self.beta > 0 else []
+        out = [self._r_buffers.get(id(p)) for p in [*params, *head]]
+        for i, p in enumerate([*params, *head]):
+            if out[i] is None:
+                out[i] = self._r_buffers[id(p)] = torch.empty_like(local(p))
+        n = len(params)
+        parts = [l2sp_grad_into_(out[:n], [local(p) for p in params], anchors, self.alpha * scale, compute_value),
+                 l2sp_grad_into_(out[n:], [local(p) for p in head], None, self.beta * scale, compute_value)]
+        value = None
+        if compute_value:  # local partial sums under sharding: one all-reduce
+            value = sum((v.float() for v in parts if v is not None), torch.zeros(())).reshape(1)
+            value = reduce_partial_sums(value, self._params + self._head_params)[0] / scale
+        return [*params, *head], out, value
+
+    def _pull(self, optimizer: Optimizer, compute_value: bool) -> Tensor | None:
+        """Decoupled default norm: ``w ← w − lr·α·(w − w0)`` as a ``_foreach_lerp_`` toward ``w0`` per learning
+        rate (``w ← (1 − lr·β)·w`` on the head), on this optimizer's parameters; the penalty before the pull."""
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        params, anchors, _, head = self._active(set(lr_of))
+        groups: dict[tuple[float, bool], tuple[list[Tensor], list[Tensor]]] = {}
+        for p, a in zip(params, anchors):
+            ps, w0s = groups.setdefault((lr_of[id(p)], True), ([], []))
+            ps.append(local(p))
+            w0s.append(a)
+        for p in head if self.beta > 0 else []:
+            groups.setdefault((lr_of[id(p)], False), ([], []))[0].append(local(p))
+        total = torch.zeros(())
+        for (lr, anchored), (ps, w0s) in groups.items():
+            strength = self.alpha if anchored else self.beta
+            part = l2sp_pull_(ps, w0s if anchored else None, lr * strength, compute_value, self._workspace)
+            if part is not None:
+                total = total + strength * part.float()
+        if not compute_value:
+            return None
+        return reduce_partial_sums(total.reshape(1), self._params + self._head_params)[0]
+
     def _log_now(self, trainer: Trainer) -> bool:
         """The penalty value costs a pass over w and w0: compute it on the steps the loggers record."""
-        return trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+        return is_logging_step(trainer)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
@@ -252,6 +319,7 @@ class L2SP(GradientRegularizer):
             ids = self._subset_ids(trainer, optimizer)
             params, anchors, _, head = self._active(ids)
             scale = self.window_scale(trainer)
+            carried = carried_grad_scale(trainer, optimizer)  # a fused optimizer under a GradScaler: S, else None
             log_now = self._log_now(trainer)
             with_value = log_now and ids is None
             value = None
@@ -260,7 +328,8 @@ class L2SP(GradientRegularizer):
                     continue
                 # the compiled kernel specializes on the strength: a partial window (scale < 1) runs eager
                 part = add_l2sp_grad_(local_grads(ps), [local(p) for p in ps], w0, strength * scale, with_value,
-                                      self._workspace, compiled=self.fused and scale == 1.0 and not self._sharded)
+                                      self._workspace, compiled=self.fused and scale == 1.0 and not self._sharded,
+                                      grad_scale=carried)
                 if part is not None:
                     value = part / scale if value is None else value + part / scale
             if value is not None and self._sharded:  # local partial sums: one all-reduce
@@ -271,6 +340,11 @@ class L2SP(GradientRegularizer):
         if not self.decoupled:
             return super().on_before_optimizer_step(trainer, pl_module, optimizer)
         single, log_now = len(trainer.optimizers) < 2, self._log_now(trainer)
+        if self.norm == "l2" and self._fisher is None:
+            value = self._pull(optimizer, log_now and single)
+            if log_now:
+                self._log_penalty(pl_module, value)
+            return
         with torch.no_grad():  # decoupled: restricted to this optimizer's parameters through their lr
             lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
             params, pulls, value = self._terms(compute_value=log_now and single, ids=set(lr_of))

@@ -83,7 +83,19 @@ class MaxEntropyHeadInit(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[MaxEntropyHeadInit()])
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_transfer import TransferClassifier
+        >>> net = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> model = TransferClassifier(net, num_classes=3, weight_decay=0.0)
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> trainer = Trainer(max_steps=0, callbacks=[MaxEntropyHeadInit()],
+        ...                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False)
+        >>> trainer.fit(model, data)  # no step: the head is zeroed at fit start
+        >>> float(model.backbone[2].weight.abs().sum()), float(model.backbone[2].bias.abs().sum())
+        (0.0, 0.0)
     """
 
     def __init__(

@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_transfer.anatomy import final_linear, find_head
 from lightning_transfer.functional.head_init import reinitialize_, zero_head_
+from lightning_transfer.optim import check_fresh_state_supported, reset_optimizer_state
 from lightning_transfer.validation import (
     check_choice,
     check_int,
@@ -76,7 +77,22 @@ class RIFLE(Callback):
 
     Example::
 
-        trainer = Trainer(max_epochs=40, callbacks=[RIFLE(num_reinits=3)])  # re-inits at epochs 10, 20, 30
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_transfer import TransferClassifier
+        >>> net = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> model = TransferClassifier(net, num_classes=3, weight_decay=0.0)
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> rifle = RIFLE(points=[1], min_epochs_after=1, min_steps_after_last=1)
+        >>> trainer = Trainer(max_epochs=2, callbacks=[rifle],
+        ...                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False)
+        >>> trainer.fit(model, data)
+        >>> rifle.done, rifle.steps_after_last  # re-initialized at epoch 1, then 2 optimizer steps
+        ([1], 2)
+        >>> reinit_points(40, 3, 5)  # RIFLE(num_reinits=3) in 40 epochs: the paper's schedule
+        [10, 20, 30]
     """
 
     def __init__(
@@ -156,17 +172,15 @@ class RIFLE(Callback):
         else:
             reinitialize_(head, self._seed + 1000 * (index + 1))
         if self.reset_optimizer_state:
-            ids = {id(p) for p in head.parameters()}
-            for opt in trainer.optimizers:
-                for p in list(opt.state):
-                    if id(p) in ids:
-                        del opt.state[p]
+            reset_optimizer_state(trainer.optimizers, list(head.parameters()))
         self.done.append(point)
         self._pending_log = len(self.done)
         rank_zero_info(f"RIFLE: re-initialized the head at {self.interval} {point} ({len(self.done)}/{len(self.schedule)}).")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.reset_optimizer_state:
+            check_fresh_state_supported(trainer.optimizers, "RIFLE")
         batches = trainer.num_training_batches
         if not self.schedule or not isinstance(batches, int) or batches <= 0:
             return

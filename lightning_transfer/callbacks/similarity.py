@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from lightning_transfer.batches import (
     slice_inputs,
     val_loader_of,
 )
+from lightning_transfer.compilation import eager, reference_copy
 from lightning_transfer.functional.similarity import block_features, linear_cka, neighbourhood_overlap
 from lightning_transfer.validation import (
     check_choice,
@@ -63,7 +63,22 @@ class RepresentationSimilarity(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[RepresentationSimilarity(heatmap="cka.png")])
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_transfer import TransferClassifier
+        >>> net = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> model = TransferClassifier(net, num_classes=3, weight_decay=0.0)
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> cka = RepresentationSimilarity(probe_size=8)  # heatmap="cka.png" also draws the heat map
+        >>> trainer = Trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[cka],
+        ...                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False)
+        >>> trainer.fit(model, data, data)
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("cka/"))
+        ['cka/backbone.0', 'cka/backbone.2']
+        >>> 0.0 < float(trainer.callback_metrics["cka/backbone.0"]) <= 1.0
+        True
     """
 
     def __init__(
@@ -130,7 +145,7 @@ class RepresentationSimilarity(Callback):
         if count < needed:
             raise ValueError(f"{_OWNER} needs at least {needed} validation inputs for its probe, and the validation "
                              f"loader holds {count}. Use more validation data, or lower k.")
-        self._reference = copy.deepcopy(pl_module).eval().requires_grad_(False)
+        self._reference = reference_copy(pl_module).eval().requires_grad_(False)
 
     def _features(self, model: nn.Module) -> dict[str, Tensor]:
         """Each block's ``(probe_size, d)`` features (see :func:`block_features`)."""
@@ -165,7 +180,8 @@ class RepresentationSimilarity(Callback):
         modes = [(m, m.training) for m in pl_module.modules()]  # restored module by module (frozen BN stays eval)
         pl_module.eval()
         try:
-            live, ref = self._features(pl_module), self._features(self._reference)
+            with eager():  # the probe's hooks live for one pass: compiled graphs would skip them
+                live, ref = self._features(pl_module), self._features(self._reference)
         finally:
             for module, mode in modes:
                 module.training = mode

@@ -25,6 +25,12 @@ from lightning_transfer.validation import (
     check_optional_str,
     check_strategy,
 )
+from lightning_transfer.weight_averaging import (
+    adopt_average,
+    average_in_model,
+    find_weight_averaging,
+    set_average,
+)
 
 __all__ = ["WiSEFT"]
 
@@ -66,6 +72,14 @@ class WiSEFT(Callback):
     stay identical (re-estimated statistics are broadcast from rank 0). Checkpoints written during
     training hold ``w_ft``; save one after fit for the selected model.
 
+    With Lightning's weight averaging (``EMAWeightAveraging``, ``WeightAveraging``) in the Trainer, ``w_ft``
+    is the averaged model, whatever the order of the callbacks: the curve interpolates between ``w0`` and
+    the average (at train end, and with ``every_validation`` between ``w0`` and the average that the
+    validation loop just measured), and the model is left at the chosen interpolation (``select="finetuned"``:
+    at the average). The chosen weights are also written into the averaging's copy, so the averaging's own
+    ``on_train_end``, when listed after WiSEFT, leaves them in place, and a checkpoint saved after fit
+    (whose ``state_dict`` is the average) holds them. More than one weight-averaging callback is an error.
+
     Args:
         alphas: Interpolation coefficients in ``[0, 1]`` (distinct); default ``0, 0.1, ..., 1``.
         select: ``"best"`` (leave the model at the best ``a``) or ``"finetuned"`` (only measure).
@@ -77,7 +91,20 @@ class WiSEFT(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[L2SP(alpha=0.01), WiSEFT(alphas=[0.0, 0.25, 0.5, 0.75, 1.0])])
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_transfer import TransferClassifier
+        >>> net = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> model = TransferClassifier(net, num_classes=3, weight_decay=0.0)
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 3, (8,))), batch_size=4)
+        >>> wise = WiSEFT(alphas=[0.0, 0.5, 1.0])
+        >>> trainer = Trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[wise],
+        ...                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False)
+        >>> trainer.fit(model, data, data)  # the model ends at the best a
+        >>> sorted(wise.curve), wise.best_alpha in wise.curve
+        ([0.0, 0.5, 1.0], True)
     """
 
     def __init__(
@@ -124,6 +151,7 @@ class WiSEFT(Callback):
             return
         check_strategy(trainer, _OWNER, reason="it evaluates whole-model interpolations with full copies of w0")
         select_parameters(pl_module, self.head)  # an unknown head fails here
+        find_weight_averaging(trainer, _OWNER)  # two averages to choose between fail here
         if val_loader_of(trainer) is None:
             raise ValueError(f"{_OWNER} selects a on validation data, and this fit has none: give the DataModule or "
                              "the LightningModule a val_dataloader, or pass val_dataloaders to trainer.fit.")
@@ -230,7 +258,8 @@ class WiSEFT(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.every_validation or trainer.sanity_checking:
             return
-        curve, _ = self._evaluate(trainer, pl_module)
+        with average_in_model(trainer, pl_module, find_weight_averaging(trainer, _OWNER), self):
+            curve, _ = self._evaluate(trainer, pl_module)  # the weights this validation measured
         self.history.append(curve)
         for a, acc in curve.items():
             pl_module.log(f"wise_ft/val_acc_a{_alpha_name(a)}", acc)
@@ -238,6 +267,8 @@ class WiSEFT(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        averaging = find_weight_averaging(trainer, _OWNER)
+        adopt_average(trainer, pl_module, averaging, self)  # w_ft: the average, whatever the callbacks' order
         self.curve, stats = self._evaluate(trainer, pl_module)
         self.best_alpha = self._best(self.curve)
         if self.select == "best":
@@ -249,6 +280,7 @@ class WiSEFT(Callback):
                 buffers = dict(pl_module.named_buffers())
                 for n, v in stats.get(self.best_alpha, {}).items():
                     buffers[n].copy_(v)
+        set_average(pl_module, averaging)  # an averaging listed after WiSEFT then leaves the choice in place
         metrics = {f"wise_ft/val_acc_a{_alpha_name(a)}": acc for a, acc in self.curve.items()}
         metrics["wise_ft/best_alpha"] = self.best_alpha
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from lightning_transfer.safe_load import load_torch_file
+
 __all__ = ["estimate_fisher", "load_fisher", "match_fisher", "save_fisher"]
 
 
@@ -81,8 +83,8 @@ def save_fisher(fisher: dict[str, Tensor], path: str | Path) -> None:
 
 
 def load_fisher(path: str | Path) -> dict[str, Tensor]:
-    """Load a Fisher dict saved by :func:`save_fisher`."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a Fisher dict saved by :func:`save_fisher` (safely: tensors and plain values only)."""
+    data = load_torch_file(path, "load_fisher", way_out="Estimate it again and save it with save_fisher")
     if not isinstance(data, dict) or "fisher" not in data:
         raise ValueError(f"{path} is not a Fisher file saved by lightning_transfer.functional.save_fisher.")
     return data["fisher"]

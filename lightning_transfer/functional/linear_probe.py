@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = ["DEFAULT_L2_GRID", "ProbeFit", "fit_linear_probe", "probe_accuracy", "select_linear_probe"]
 
+#: L2 strengths tried by :func:`select_linear_probe`, chosen on validation.
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 

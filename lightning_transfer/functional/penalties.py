@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = ["NORMS", "Norm", "add_l2sp_grad_", "group_by_device_dtype", "sp_penalty_and_grad"]
 
 Norm = Literal["l2", "l1", "group_lasso"]
+#: The penalty norms of :class:`~lightning_transfer.L2SP` (``norm=``).
 NORMS = ("l2", "l1", "group_lasso")
 
 
@@ -163,8 +164,9 @@ def add_l2sp_grad_(
     compute_value: bool = True,
     workspace: dict | None = None,
     compiled: bool = False,
+    grad_scale: Tensor | None = None,
 ) -> Tensor | None:
-    """In place ``g += α·(w − w0)`` (plain L2-SP), returning ``α/2·‖w − w0‖²`` when ``compute_value``.
+    """In place ``g += S·α·(w − w0)`` (plain L2-SP), returning ``α/2·‖w − w0‖²`` when ``compute_value``.
 
     The fast path of :func:`sp_penalty_and_grad` for the default norm, exact (``w − w0`` is formed
     first, so ``w = w0`` gives exactly 0). On GPU: fused ``_foreach`` kernels. On CPU, where ``_foreach``
@@ -175,9 +177,14 @@ def add_l2sp_grad_(
     ``compiled=True`` runs one ``torch.compile``-d kernel per tensor group that reads ``w``, ``w0`` and
     ``g`` once and writes ``g`` once (the memory-traffic floor); the first call compiles (tens of
     seconds on CPU). If compilation fails, it warns once and uses the eager path.
+
+    ``grad_scale``: a 0-d tensor ``S`` that ``g`` still carries (a fused optimizer under a 16-bit
+    GradScaler, which divides ``g`` by ``S`` in its step), multiplied in without a host synchronization;
+    ``None`` for ``S = 1``. The returned value is never scaled.
     """
     if compiled and anchors is not None and len({(p.device, p.dtype) for p in params}) == 1:
-        result = _run_compiled(list(grads), [p.detach() for p in params], list(anchors), alpha, compute_value)
+        result = _run_compiled(list(grads), [p.detach() for p in params], list(anchors), alpha, compute_value,
+                               grad_scale)
         if result is not _FAILED:
             return result
     value = None
@@ -185,13 +192,20 @@ def add_l2sp_grad_(
         g = [grads[i] for i in idx]
         w = [params[i].detach() for i in idx]
         w0 = [anchors[i] for i in idx] if anchors is not None else None
-        if device.type != "cpu":
-            d = _deltas(w, w0)
+        # on GPU all tensors, on CPU the small ones (cheap temporaries, one call for all of them)
+        small = list(range(len(w))) if device.type != "cpu" else [j for j, t in enumerate(w) if t.numel() < _SMALL]
+        if small:
+            d = _deltas([w[j] for j in small], [w0[j] for j in small] if w0 is not None else None)
             if compute_value:
                 part = 0.5 * alpha * torch.stack(torch._foreach_norm(d, 2)).float().square().sum()
                 value = part if value is None else value + part.to(value.device)
-            torch._foreach_add_(g, d, alpha=alpha)
-            continue
+            if grad_scale is not None:  # d is a fresh temporary (its value is taken above)
+                torch._foreach_mul_(d, grad_scale)
+            torch._foreach_add_([g[j] for j in small], d, alpha=alpha)
+            if len(small) == len(w):
+                continue
+            big = sorted(set(range(len(w))) - set(small))
+            g, w, w0 = [g[j] for j in big], [w[j] for j in big], [w0[j] for j in big] if w0 is not None else None
         largest = max(t.numel() for t in w)
         key = (device, dtype)
         scratch = workspace.get(key) if workspace is not None else None
@@ -208,35 +222,42 @@ def add_l2sp_grad_(
                 torch.sub(wi, w0[j].to(dtype) if w0[j].dtype != dtype else w0[j], out=d)
             if compute_value:
                 squares.append(torch.dot(d.reshape(-1), d.reshape(-1)).float())
-            gi.add_(d, alpha=alpha)
+            if grad_scale is None:
+                gi.add_(d, alpha=alpha)
+            else:
+                gi.addcmul_(d, grad_scale, value=alpha)
         if compute_value:
             part = 0.5 * alpha * torch.stack(squares).sum()
             value = part if value is None else value + part
     return value
 
 
+_SMALL = 1 << 15  # elements: below this a tensor's temporaries are cheap, and a per-tensor call costs more
+
+
 _FAILED = object()
 _COMPILED: dict[str, object] = {}
 
 
-def _l2sp_kernel(g: list[Tensor], w: list[Tensor], w0: list[Tensor], alpha: float, with_value: bool):
+def _l2sp_kernel(g: list[Tensor], w: list[Tensor], w0: list[Tensor], alpha: float, with_value: bool,
+                 grad_scale: Tensor | None = None):
     total = None
     for gi, wi, ai in zip(g, w, w0):
         d = wi - ai.to(wi.dtype)
-        gi.add_(d, alpha=alpha)
+        gi.add_(d if grad_scale is None else d * grad_scale, alpha=alpha)
         if with_value:
             sq = d.float().square().sum()
             total = sq if total is None else total + sq
     return 0.5 * alpha * total if with_value else None
 
 
-def _run_compiled(g, w, w0, alpha, with_value):
+def _run_compiled(g, w, w0, alpha, with_value, grad_scale=None):
     if _COMPILED.get("failed"):
         return _FAILED
     try:
         if "kernel" not in _COMPILED:
             _COMPILED["kernel"] = torch.compile(_l2sp_kernel, fullgraph=True, dynamic=False)
-        return _COMPILED["kernel"](g, w, w0, alpha, with_value)
+        return _COMPILED["kernel"](g, w, w0, alpha, with_value, grad_scale)
     except Exception as err:  # a missing compiler toolchain, an unsupported backend, ...
         import warnings
 

@@ -25,17 +25,53 @@ def _squared_norms(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(list(tensors))).float().square()
 
 
+_SMALL = 1 << 15  # elements: tensors below this are reduced together, larger ones one BLAS dot each
+
+
+def _sums(g: Sequence[Tensor], r: Sequence[Tensor], with_rr: bool) -> list[Tensor]:
+    """Per-tensor ``⟨g, r⟩``, ``‖g‖²`` (and ``‖r‖²``) as float32 vectors, in a handful of calls.
+
+    On GPU: fused ``_foreach`` kernels and a segmented sum. On CPU: the small tensors concatenated and
+    reduced by segments in one call per statistic; each large one by BLAS dots (faster than norms there).
+    """
+    if g[0].is_cuda:
+        return [_dots(g, r), _squared_norms(g)] + ([_squared_norms(r)] if with_rr else [])
+    out = torch.zeros(3 if with_rr else 2, len(g), dtype=torch.float32)
+    small = [i for i, t in enumerate(g) if t.numel() < _SMALL]
+    if small:
+        gs = torch.cat([g[i].reshape(-1).float() for i in small])
+        rs = torch.cat([r[i].reshape(-1).float() for i in small])
+        lengths = torch.tensor([g[i].numel() for i in small])
+        products = [gs * rs, gs * gs] + ([rs * rs] if with_rr else [])
+        out[:, small] = torch.stack([torch.segment_reduce(v, "sum", lengths=lengths) for v in products])
+    big = [i for i, t in enumerate(g) if t.numel() >= _SMALL]
+    if big:
+        rows = []
+        for i in big:
+            a, b = g[i].reshape(-1).float(), r[i].reshape(-1).float()
+            rows.append(torch.stack([torch.dot(a, b), torch.dot(a, a)] + ([torch.dot(b, b)] if with_rr else [])))
+        out[:, big] = torch.stack(rows, 1)
+    return list(out.unbind())
+
+
 def project_conflicting_(
     g: Sequence[Tensor],
     r: Sequence[Tensor],
     granularity: Literal["tensor", "global"] = "tensor",
-    eps: float = 1e-20,
+    eps: float | Tensor = 1e-20,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    cosine: bool = True,
 ) -> dict[str, Tensor]:
     """In place: ``g ← g + r'`` (see :func:`project_conflicting`); returns the statistics.
 
-    Reads ``g`` and ``r`` a few times and writes ``g`` twice; no full-size temporary on CPU, a handful of
-    fused ``_foreach`` kernels on GPU, and no host synchronization.
+    ``eps`` may be a 0-d tensor (e.g. ``S²·eps`` for gradients that carry an AMP scale ``S``).
+    ``cosine=False`` leaves out the ``cosine`` statistic, the only use of ``‖r‖²`` (one pass over ``r``).
+
+    Cost: the per-tensor ``⟨g, r⟩`` and ``‖g‖²`` in batched reductions stacked into vectors (fused
+    ``_foreach`` kernels and a segmented sum on GPU; on CPU one segmented sum over the small tensors and a
+    BLAS dot per large one), the coefficients computed on those vectors, then ``g ← s·g + r`` in place
+    (two ``_foreach`` kernels; on CPU one ``addcmul`` pass per large tensor). No full-size temporary on
+    CPU, and no host synchronization (on CPU the finiteness flag is read: there is no device to wait for).
 
     ``reduce`` makes it work on shards (FSDP2): ``g`` and ``r`` are then this rank's local pieces of
     each tensor, and ``reduce`` sums a vector of per-rank partial sums over the ranks (one all-reduce,
@@ -49,27 +85,47 @@ def project_conflicting_(
         raise ValueError(f"g and r differ in length: {len(g)} vs {len(r)}.")
     if not g:
         zero = torch.zeros(())
-        return {"projected": zero, "cosine": zero, "removed_norm": zero}
+        return {"projected": zero, "removed_norm": zero, **({"cosine": zero} if cosine else {})}
     g, r = list(g), [t if t.dtype == g[i].dtype else t.to(g[i].dtype) for i, t in enumerate(r)]
-    dot, gg, rr = _dots(g, r), _squared_norms(g), _squared_norms(r)
+    sums = _sums(g, r, cosine)
     if reduce is not None:
-        dot, gg, rr = reduce(torch.cat([dot, gg, rr])).split(len(g))
-    finite = torch.isfinite(gg.sum())
+        sums = list(reduce(torch.cat(sums)).split(len(g)))
+    finite = torch.isfinite(sums[1].sum())
     if granularity == "global":
-        dot, gg, rr = dot.sum().view(1), gg.sum().view(1), rr.sum().view(1)
+        sums = [v.sum().view(1) for v in sums]
+    dot, gg = sums[0], sums[1]
     conflict = (dot < 0) & (gg > eps) & finite
     coef = torch.where(conflict, dot / torch.where(gg > eps, gg, torch.ones_like(gg)), torch.zeros_like(gg))
     scale = (1.0 - coef).expand(len(g)) if granularity == "global" else 1.0 - coef
-    torch._foreach_mul_(g, list(scale.to(g[0].dtype).unbind()))  # (not addcmul: inf·0 would make NaN)
-    keep = finite.to(g[0].dtype)  # non-finite g: leave it untouched (the AMP scaler skips the step)
-    torch._foreach_addcmul_(g, r, [keep] * len(g))
-    denom = (gg * rr).sqrt()
-    cosine = torch.where(denom > 0, dot / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
-    return {
+    scale = scale.to(g[0].dtype)
+    if g[0].device.type == "cpu" and bool(finite):  # on CPU reading the flag costs no synchronization
+        _scale_and_add_cpu(g, r, scale)
+    else:
+        torch._foreach_mul_(g, list(scale.unbind()))  # (not addcmul: inf·0 would make NaN)
+        keep = finite.to(g[0].dtype)  # non-finite g: leave it untouched (the AMP scaler skips the step)
+        torch._foreach_addcmul_(g, r, [keep] * len(g))
+    stats = {
         "projected": conflict.float().mean(),
-        "cosine": cosine.mean(),
         "removed_norm": torch.where(finite, (coef.square() * gg).sum().sqrt(), torch.zeros_like(finite, dtype=torch.float32)),
     }
+    if cosine:
+        denom = (gg * sums[2]).sqrt()
+        cos = torch.where(denom > 0, dot / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+        stats["cosine"] = cos.mean()
+    return stats
+
+
+@torch.no_grad()
+def _scale_and_add_cpu(g: list[Tensor], r: list[Tensor], scale: Tensor) -> None:
+    """``g ← s·g + r`` in place: one pass per large tensor (``addcmul`` written into ``g``), two ``_foreach``
+    calls for the small ones."""
+    small = [i for i, t in enumerate(g) if t.numel() < _SMALL]
+    if small:
+        torch._foreach_mul_([g[i] for i in small], list(scale[small].unbind()))
+        torch._foreach_add_([g[i] for i in small], [r[i] for i in small])
+    for i, t in enumerate(g):
+        if t.numel() >= _SMALL:
+            torch.addcmul(r[i], t, scale[i], out=t)
 
 
 def project_conflicting(

@@ -7,6 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.contract.multiprocess import finish  # noqa: E402
 from tests.contract.registry import REGISTRY, Model  # noqa: E402
 from tests.helpers import TinyClassifier, quiet_trainer  # noqa: E402
 
@@ -18,3 +19,4 @@ if __name__ == "__main__":
     trainer.fit(model)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.save(state, out / f"rank{trainer.global_rank}.pt")
+    finish(trainer)

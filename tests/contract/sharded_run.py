@@ -32,6 +32,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from lightning_transfer import DTNH, L2SP, FreezeSchedule, MaxEntropyHeadInit  # noqa: E402
 from lightning_transfer.functional import save_fisher  # noqa: E402
 from lightning_transfer.functional.sharding import fully_shard_linears  # noqa: E402
+from tests.contract.multiprocess import finish  # noqa: E402
 from tests.contract.registry import REGISTRY, Entry, Model  # noqa: E402
 from tests.helpers import StopAfter, TinyClassifier, make_data, quiet_trainer  # noqa: E402
 
@@ -123,7 +124,7 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters()}
 
 
-def run_rejected(folder: Path, name: str, entry: Entry) -> None:
+def run_rejected(folder: Path, name: str, entry: Entry) -> Trainer:
     """An entry expected to fail at setup: rank 0 records the error and how many steps ran."""
     trainer, model = _fit(entry)
     try:
@@ -133,9 +134,10 @@ def run_rejected(folder: Path, name: str, entry: Entry) -> None:
         error = str(err)
     if trainer.global_rank == 0:
         torch.save({"error": error, "global_step": trainer.global_step}, folder / f"{name}.pt")
+    return trainer
 
 
-def run(folder: Path, name: str, entry: Entry, resume: bool) -> None:
+def run(folder: Path, name: str, entry: Entry, resume: bool) -> Trainer:
     trainer, model = _fit(entry)
     trainer.fit(model)
     result = {"params": _full(model), "anchors": [], "metrics": _metrics(trainer)}
@@ -155,14 +157,17 @@ def run(folder: Path, name: str, entry: Entry, resume: bool) -> None:
         result["resumed"] = _full(resumed)
     if trainer.global_rank == 0:
         torch.save(result, folder / f"{name}.pt")
+    return trainer
 
 
 if __name__ == "__main__":
     out, args = Path(sys.argv[1]), sys.argv[2:]
     resume = "--resume" in args
     known = entries(out)
+    trainers = []
     for name in [a for a in args if a != "--resume"]:
         if name.startswith("!"):  # expected to be rejected at setup (put these last)
-            run_rejected(out, name[1:], known[name[1:]])
+            trainers.append(run_rejected(out, name[1:], known[name[1:]]))
         else:
-            run(out, name, known[name], resume)
+            trainers.append(run(out, name, known[name], resume))
+    finish(*trainers)

@@ -149,6 +149,9 @@ class LossReference(TransferClassifier):
 class FeaturePenaltyReference(TransferClassifier):
     """DELTA's penalty ``α/2·Σ_layers mean_batch ‖F − F0‖²`` put in the loss, for any backbone and batch.
 
+    On token batches with an ``attention_mask``, ``‖F − F0‖²`` of a ``(B, T, C)`` output sums over the real
+    tokens only (padding is no feature).
+
     ``F0`` comes from an eval-mode copy of the backbone taken at the first training step (the weights
     at fit start), run on the same inputs; a layer returning a tuple (Hugging Face) gives its first
     element, its hidden states. An independent implementation of FeatureMapRegularization.
@@ -177,5 +180,12 @@ class FeaturePenaltyReference(TransferClassifier):
             self._frozen[0](**inputs) if isinstance(inputs, dict) else self._frozen[0](inputs)
         for h in hooks:
             h.remove()
-        penalty = sum((live[n] - ref[n]).square().flatten(1).sum(1).mean() for n in self.layers)
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+
+        def distance(f: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+            if mask is not None and f.ndim == 3 and f.shape[:2] == mask.shape:  # padding tokens are no features
+                return (f - f0)[mask.bool()].square().sum() / f.shape[0]
+            return (f - f0).square().flatten(1).sum(1).mean()
+
+        penalty = sum(distance(live[n], ref[n]) for n in self.layers)
         return F.cross_entropy(logits, batch_labels(batch)) + self.alpha / 2 * penalty

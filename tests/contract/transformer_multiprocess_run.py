@@ -17,10 +17,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from lightning_transfer import TransferClassifier  # noqa: E402
 from lightning_transfer.functional.sharding import fully_shard_linears  # noqa: E402
+from tests.contract.multiprocess import finish  # noqa: E402
 from tests.contract.registry import REGISTRY  # noqa: E402
 from tests.contract.transformer_models import FAMILIES, FamilyData, build, lr_for  # noqa: E402
 from tests.helpers import params_of, quiet_trainer  # noqa: E402
@@ -54,7 +56,7 @@ def single_process_reference(name: str) -> dict[str, torch.Tensor]:
     return params_of(model)
 
 
-def run(kind: str, out: Path, name: str) -> None:
+def run(kind: str, out: Path, name: str) -> Trainer:
     entry = REGISTRY[name]
     sharded = kind == "fsdp2"
     model = build(FAMILY, lr=lr_for(entry), cls=ShardedTransfer if sharded else TransferClassifier)
@@ -66,9 +68,10 @@ def run(kind: str, out: Path, name: str) -> None:
     state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
              for n, p in model.named_parameters()}
     torch.save(state, out / f"{name}-rank{trainer.global_rank}.pt")
+    return trainer
 
 
 if __name__ == "__main__":
     kind, folder = sys.argv[1], Path(sys.argv[2])
-    for entry_name in sys.argv[3:]:
-        run(kind, folder, entry_name)
+    trainers = [run(kind, folder, entry_name) for entry_name in sys.argv[3:]]
+    finish(*trainers)
