@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_transfer.anatomy import lora_factors
 from lightning_transfer.batches import batch_inputs, batch_labels, call_model, logits_of
 from lightning_transfer.batchnorm import batchnorm_state_kept, reestimate_batchnorm
 from lightning_transfer.functional.interpolation import uniform_soup
@@ -77,7 +78,7 @@ def greedy_soup(
     bn_batches: int | None = None,
     trusted: bool = False,
 ) -> Soup:
-    """Greedy soup: sort candidates by validation accuracy; add each to the soup if the uniform average's
+    r"""Greedy soup: sort candidates by validation accuracy; add each to the soup if the uniform average's
     validation accuracy does not drop (Wortsman et al., "Model soups", ICML 2022, Recipe 1).
 
     Candidates are state dicts or checkpoint paths (Lightning ``.ckpt`` files: their ``state_dict``) of
@@ -85,7 +86,9 @@ def greedy_soup(
     Accuracy is ``argmax(logits) == labels`` in eval mode. Where ``model`` has BatchNorm, every evaluated
     model (each candidate and each trial soup) gets statistics re-estimated on ``train_loader`` (every
     BatchNorm layer, in train mode; averaged statistics do not describe averaged weights). Ties keep the
-    earlier candidate (stable sort). ``model`` is left as it was; load the result yourself.
+    earlier candidate (stable sort). ``model`` is left as it was; load the result yourself. LoRA candidates
+    (a peft ``model``) are averaged only where they share each adapter's ``A`` (then the mean of the ``B``\ s is
+    the mean of the updates); others are refused: merge their adapters and soup the merged models.
 
     Args:
         candidates: At least one state dict or checkpoint path.
@@ -127,6 +130,8 @@ def greedy_soup(
         raise ValueError("greedy_soup: the model has BatchNorm layers, whose statistics must be re-estimated for "
                          "averaged weights; pass train_loader (batches of training data).")
     states = [_load_state(c, trusted) for c in candidates]
+    low_rank = lora_factors(model)
+    uniform_soup(states, low_rank)  # LoRA factors that cannot be averaged: refused before any evaluation
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def accuracy(state: Mapping[str, Tensor]) -> float:
@@ -146,13 +151,13 @@ def greedy_soup(
         kept, best, log = [order[0]], individual[order[0]], []
         log.append({"candidate": order[0], "val_acc": best, "soup_val_acc": best, "kept": True})
         for i in order[1:]:
-            trial = accuracy(uniform_soup([states[j] for j in [*kept, i]]))
+            trial = accuracy(uniform_soup([states[j] for j in [*kept, i]], low_rank))
             keep = trial >= best
             log.append({"candidate": i, "val_acc": individual[i], "soup_val_acc": trial, "kept": keep})
             if keep:
                 kept.append(i)
                 best = trial
-        soup = uniform_soup([states[j] for j in kept])
+        soup = uniform_soup([states[j] for j in kept], low_rank)
         if batchnorm:  # the soup with the statistics it was selected with
             model.load_state_dict(soup)
             with torch.random.fork_rng():

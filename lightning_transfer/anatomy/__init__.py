@@ -15,6 +15,12 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_transfer.anatomy.adapters import (
+    frozen_originals,
+    is_adapter_wrapper,
+    lora_factors,
+    unwrap_adapters,
+)
 from lightning_transfer.anatomy.compiled import is_compiled, plain_name, relative_name
 from lightning_transfer.anatomy.heads import _distinct_children, final_linear, find_head, resolve_module
 from lightning_transfer.anatomy.layouts import (
@@ -26,7 +32,7 @@ from lightning_transfer.anatomy.layouts import (
 )
 
 __all__ = ["AnatomyError", "BlockGroup", "block_output_module", "find_head", "final_linear", "is_compiled",
-           "list_blocks", "plain_name", "relative_name", "resolve_module", "timm_layer_ids"]
+           "list_blocks", "lora_factors", "plain_name", "relative_name", "resolve_module", "timm_layer_ids"]
 
 
 class BlockGroup(nn.Module):
@@ -198,15 +204,19 @@ def _signature(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _unwrap(model: nn.Module, head_name: str) -> tuple[nn.Module, str, list[str]]:
-    """Descend through wrappers (a LightningModule holding one network) to the network.
+    """Descend through wrappers (a LightningModule holding one network, peft's ``PeftModel``) to the network.
 
     Frozen copies of that network beside it (a distillation teacher or an EMA model made with
     ``copy.deepcopy(...).requires_grad_(False)``: same parameter names and shapes, nothing trainable) do
     not stop the descent; their names are returned so that they belong to no block and no schedule
-    touches them.
+    touches them, as are peft's frozen ``original_module`` copies of its ``modules_to_save``.
     """
     prefix, copies = "", []
     while known_layout(model) is None:
+        if is_adapter_wrapper(model):
+            model, inner = unwrap_adapters(model)
+            prefix += inner
+            continue
         children = _distinct_children(model)  # a compiled alias of a child is that child
         if list(model.parameters(recurse=False)) or not children:
             break
@@ -223,7 +233,7 @@ def _unwrap(model: nn.Module, head_name: str) -> tuple[nn.Module, str, list[str]
             children = holder
         name, model = children[0]
         prefix += name + "."
-    return model, prefix, copies
+    return model, prefix, copies + [prefix + n for n in frozen_originals(model)]
 
 
 def _param_names(model: nn.Module, name: str) -> set[str]:

@@ -7,6 +7,7 @@ import warnings
 
 from torch import nn
 
+from lightning_transfer.anatomy.adapters import active_copy, is_adapter_wrapper, unwrap_adapters
 from lightning_transfer.anatomy.compiled import inner_module, plain_name
 from lightning_transfer.anatomy.hf import hf_head
 from lightning_transfer.anatomy.layouts import AnatomyError
@@ -159,15 +160,19 @@ def _own_head(model: nn.Module) -> str | None:
 
 
 def _refine(model: nn.Module, name: str) -> tuple[str, nn.Module]:
-    """Descend from a classifier container to the layer that produces the logits."""
+    """Descend from a classifier container to the layer that produces the logits (in a peft
+    ``modules_to_save`` wrapper: in its trained copy)."""
     module = model.get_submodule(name)
-    layer = final_linear(module)
+    layer = final_linear(active_copy(module))
     return (name if layer is module else name_of(model, layer)), layer
 
 
 def _head_candidates(model: nn.Module, prefix: str = "", split: bool = True) -> list[tuple[str, nn.Module]]:
     """Heads declared by ``model``, or by the networks it wraps (a student and its teacher: one each)."""
     model = inner_module(model)  # a compiled network declares its head through the network it wraps
+    if is_adapter_wrapper(model):  # so does a peft model, under the names of its wrapper
+        inner, more = unwrap_adapters(model)
+        return _head_candidates(inner, prefix + more, split)
     own = _own_head(model)
     if own is not None:
         name, module = _refine(model, own)
@@ -209,7 +214,9 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module
 
     Returns:
         ``(name, module)``, the name as the uncompiled model spells it (``net.fc`` for a
-        ``torch.compile``-d ``net``, whose parameters are ``net._orig_mod.fc.*``). For containers
+        ``torch.compile``-d ``net``, whose parameters are ``net._orig_mod.fc.*``). In a peft model, the
+        trained copy of a ``modules_to_save`` head (``base_model.model.classifier.modules_to_save.default``,
+        also when ``name`` names the wrapper), never its frozen ``original_module``. For containers
         such as torchvision's ``classifier`` Sequential, the last layer holding a weight inside it
         (``classifier.1`` for EfficientNet, ``classifier.3`` for MobileNetV3).
 
@@ -225,6 +232,9 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module
     """
     if name is not None:
         module = resolve_module(model, name, "head")
+        if active_copy(module) is not module:  # a peft modules_to_save wrapper: the copy it trains
+            module = active_copy(module)
+            name = name_of(model, module)
         _check_head_kind(model, name, module)
         if not _trainable(module):
             warnings.warn(

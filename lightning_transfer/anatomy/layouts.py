@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_transfer.anatomy.adapters import is_adapter_wrapper
 from lightning_transfer.anatomy.compiled import inner_module, is_wrapper
 from lightning_transfer.anatomy.hf import hf_layout
 
@@ -99,8 +100,8 @@ def timm_layer_ids(model: nn.Module) -> dict[str, int] | None:
 
 
 def known_layout(model: nn.Module, fine: bool = False) -> list[tuple[str, object]] | None:
-    if is_wrapper(model):  # a compiled network forwards attribute reads: its layout is the inner network's
-        return None
+    if is_wrapper(model) or is_adapter_wrapper(model):  # they forward attribute reads: the layout is the inner
+        return None  # network's, under other parameter names
     return _timm_layout(model, fine) or _lite_layout(model) or hf_layout(model) or _torchvision_layout(model)
 
 

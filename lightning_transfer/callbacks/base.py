@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -16,13 +17,17 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_transfer.anatomy import AnatomyError, find_head, plain_name
+from lightning_transfer.callbacks.freeze import FreezeSchedule
 from lightning_transfer.functional.sharding import is_sharded, local
 from lightning_transfer.optim import norm_and_bias_ids
 
 __all__ = [
     "GradientRegularizer", "add_to_grads", "carried_grad_scale", "check_one_optimizer_per_parameter",
-    "is_logging_step", "local_grads", "optimizer_param_ids", "select_parameters",
+    "check_still_frozen", "is_logging_step", "local_grads", "movable_parameters", "optimizer_param_ids",
+    "select_parameters",
 ]
+
+NamedParams = list[tuple[str, torch.nn.Parameter]]
 
 
 def select_parameters(
@@ -57,6 +62,45 @@ def select_parameters(
     ]
     head_params = [(n, p) for n, p in named if id(p) in head_ids]
     return transferred, head_params, head_name
+
+
+def movable_parameters(
+    trainer: Trainer, named: Sequence[tuple[str, torch.nn.Parameter]]
+) -> tuple[NamedParams, NamedParams]:
+    """Split ``named`` into the parameters that can move in this fit and those that cannot.
+
+    Movable: ``requires_grad`` now (call it when fit starts, after every callback's ``setup``), or frozen by a
+    :class:`~lightning_transfer.FreezeSchedule` of ``trainer`` whose schedule trains them at some depth;
+    everything when ``trainer`` has one of Lightning's ``BaseFinetuning`` callbacks (which thaw by code). The
+    rest were frozen by the user (a peft model's base weights, frozen embeddings) and keep their values:
+    an anchor or a copy of them would cost memory for nothing. A callback that keeps per-parameter state
+    for the movable ones only checks the others with :func:`check_still_frozen` at every step.
+    """
+    if any(isinstance(cb, BaseFinetuning) for cb in trainer.callbacks):  # Lightning's own unfreezing schedules:
+        return list(named), []  # which parameters they thaw is in their code, not in their state
+    scheduled: set[str] = set()
+    for cb in trainer.callbacks:
+        if isinstance(cb, FreezeSchedule):
+            scheduled |= cb.may_train_names()
+    movable = [(n, p) for n, p in named if p.requires_grad or n in scheduled]
+    ids = {id(p) for _, p in movable}
+    return movable, [(n, p) for n, p in named if id(p) not in ids]
+
+
+def check_still_frozen(fixed: Sequence[tuple[str, torch.nn.Parameter]], owner: str, state: str, last_way: str) -> None:
+    """Refuse parameters of ``fixed`` (frozen at fit start, outside any FreezeSchedule) that require grad now.
+
+    ``owner`` keeps ``state`` (e.g. "the pre-trained anchor w0") only for the parameters that could move when
+    fit started: one thawed by hand later would train without it. ``last_way``: the owner's own way out.
+    """
+    thawed = [n for n, p in fixed if p.requires_grad]
+    if thawed:
+        raise RuntimeError(
+            f"{owner}: {len(thawed)} parameter(s) were frozen when fit started and require grad now (thawed by "
+            f"hand?), e.g. {thawed[:5]}; {owner} keeps {state} only for parameters that could move at fit start, "
+            "so these would train without it. Thaw them before fit, let a FreezeSchedule in the same Trainer "
+            f"freeze and thaw them, {last_way}."
+        )
 
 
 def local_grads(params: Sequence[Tensor]) -> list[Tensor]:

@@ -135,6 +135,7 @@ class FreezeSchedule(Callback):
         self._ddp_managed: set[int] = set()
         self._user_frozen: set[int] = set()
         self._user_frozen_names: list[str] | None = None
+        self._may_train: set[str] = set()  # parameter names some depth of the schedule trains
         self._trainable = 0.0
         self._trainer: weakref.ref | None = None  # the Trainer of the current fit (for a late restore)
         self._started = False  # on_fit_start ran in this fit
@@ -193,6 +194,9 @@ class FreezeSchedule(Callback):
         # what the user froze, before this callback changes anything: never thawed
         self._user_frozen = user_frozen_ids(pl_module)
         self._user_frozen_names = [name for name, p in pl_module.named_parameters() if id(p) in self._user_frozen]
+        lowest = min(self._schedule.values(), default=0)
+        trained = {id(p) for _, block in self._blocks[lowest:] for p in block.parameters()} - self._user_frozen
+        self._may_train = {name for name, p in pl_module.named_parameters() if id(p) in trained}
         self.current_depth = None
         self._apply(trainer, self._depth_for(0))  # before DDP wraps the model
         self._trainer, self._started = weakref.ref(trainer), False
@@ -206,6 +210,11 @@ class FreezeSchedule(Callback):
                 "default of FreezeSchedule.lp_ft). The switch is logged as freeze/acc_before_unfreeze and "
                 "freeze/acc_after_unfreeze."
             )
+
+    def may_train_names(self) -> set[str]:
+        """Names of the parameters that some depth of this fit's schedule trains (never those frozen by you):
+        what :class:`~lightning_transfer.L2SP` anchors besides the parameters trainable at fit start."""
+        return set(self._may_train)
 
     def _warn_unfinished(self, last_epoch: int, limit: str, longer: str) -> None:
         final = self._schedule[max(self._schedule)]

@@ -16,8 +16,10 @@ from lightning_transfer.callbacks.base import (
     GradientRegularizer,
     carried_grad_scale,
     check_one_optimizer_per_parameter,
+    check_still_frozen,
     is_logging_step,
     local_grads,
+    movable_parameters,
     optimizer_param_ids,
     select_parameters,
     warn_weight_decay_on,
@@ -54,8 +56,11 @@ class L2SP(GradientRegularizer):
     several optimizers (each optimizer's step gets ``r`` of its own parameters only).
 
     ``w0`` is an fp32 detached copy of the transferred parameters taken when fit starts (after weights
-    are loaded); it is saved in checkpoints and restored on resume, never re-taken from resumed weights,
-    even when the resumed run changes L2SP's arguments (e.g. another ``alpha``). Adding L2SP only on
+    are loaded), of those that can move only: trainable then, or frozen by a
+    :class:`~lightning_transfer.FreezeSchedule` of the Trainer that will train them. Parameters frozen by
+    you (a peft LoRA model's base weights, frozen embeddings) never move and get no anchor; one of them
+    thawed by hand during the fit is an error at its first step (it would train unregularized). ``w0`` is
+    saved in checkpoints and restored on resume, never re-taken from resumed weights, even when the resumed run changes L2SP's arguments (e.g. another ``alpha``). Adding L2SP only on
     resume is an error: the pre-trained anchors are not in the checkpoint.
 
     Args:
@@ -140,6 +145,7 @@ class L2SP(GradientRegularizer):
         self._anchors: list[Tensor] = []
         self._fisher: list[Tensor] | None = None
         self._head_params: list[torch.nn.Parameter] = []
+        self._fixed: list[tuple[str, torch.nn.Parameter]] = []  # transferred, frozen by the user: no anchor
         self._loaded: dict[str, Tensor] | None = None
         self._workspace: dict = {}  # scratch buffer of the fused CPU path
         self._r_buffers: dict[int, Tensor] = {}  # r handed to DTNH, by parameter id (kept: no allocation per step)
@@ -160,11 +166,16 @@ class L2SP(GradientRegularizer):
         """``w0`` by parameter name (this rank's shard of it under sharded training)."""
         return dict(zip(self._names, self._anchors))
 
-    def anchored_names(self, pl_module: torch.nn.Module) -> list[str]:
+    def anchored_names(self, pl_module: torch.nn.Module, trainer: Trainer | None = None) -> list[str]:
         """Names of the parameters whose ``w0`` this callback keeps (those ``on_fit_start`` anchors), so that
-        another callback (:class:`~lightning_transfer.WiSEFT`) can share :attr:`anchors` instead of copying."""
+        another callback (:class:`~lightning_transfer.WiSEFT`) can share :attr:`anchors` instead of copying.
+
+        Call it when fit starts, in either order with this callback's ``on_fit_start``. ``trainer``: the
+        Trainer of the fit (by default ``pl_module.trainer``), whose FreezeSchedule tells what may train.
+        """
         transferred, _, _ = select_parameters(pl_module, self.head, self.exclude, self.include_norm_and_bias)
-        return [n for n, _ in transferred]
+        trainer = trainer if trainer is not None else pl_module.trainer
+        return [n for n, _ in movable_parameters(trainer, transferred)[0]]
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -179,6 +190,7 @@ class L2SP(GradientRegularizer):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         transferred, head_params, _ = select_parameters(pl_module, self.head, self.exclude, self.include_norm_and_bias)
+        transferred, self._fixed = movable_parameters(trainer, transferred)  # no anchor for what never moves
         self._names = [n for n, _ in transferred]
         self._params = [p for _, p in transferred]
         self._head_params = [p for _, p in head_params]
@@ -313,6 +325,8 @@ class L2SP(GradientRegularizer):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        check_still_frozen(self._fixed, "L2SP", "the pre-trained anchor w0",
+                           "or pass exclude=[...] to leave them out of L2SP knowingly")
         if self.is_deferred(trainer):
             return
         if not self.decoupled and self.norm == "l2" and self._fisher is None:  # fused in-place fast path

@@ -12,11 +12,12 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
+from lightning_transfer.anatomy import lora_factors
 from lightning_transfer.batches import train_loader_of, val_loader_of
 from lightning_transfer.batchnorm import batchnorm_state_kept, reestimate_batchnorm
-from lightning_transfer.callbacks.base import select_parameters
+from lightning_transfer.callbacks.base import check_still_frozen, movable_parameters, select_parameters
 from lightning_transfer.callbacks.l2sp import L2SP
-from lightning_transfer.functional.interpolation import interpolate
+from lightning_transfer.functional.interpolation import check_low_rank_start, interpolate
 from lightning_transfer.soup import count_correct, has_batchnorm
 from lightning_transfer.validation import (
     check_choice,
@@ -60,9 +61,16 @@ class WiSEFT(Callback):
     (``a`` mixes the transferred weights only). With ``interpolate_head=True`` the head is interpolated
     toward its value at fit start: meaningful when that head was already trained (the linear probe of an
     LP-FT run done as two fits, a zero-shot head), not for a random one. Buffers other than BatchNorm
-    statistics keep their fine-tuned values. Where the model has BatchNorm, each interpolated model's
+    statistics keep their fine-tuned values. Parameters frozen by you (outside any
+    :class:`~lightning_transfer.FreezeSchedule`) never move and are neither copied nor interpolated; one thawed
+    by hand during the fit is an error at its first step. Where the model has BatchNorm, each interpolated model's
     statistics are re-estimated on the training loader (exact averages, in the modules' training modes;
     :mod:`lightning_transfer.batchnorm`); candidates not chosen leave no trace.
+
+    LoRA adapters of a peft model (``W0 + s·B@A``) are interpolated as updates: ``A`` stays fine-tuned and
+    ``B ← a·B_ft``, exactly ``W0 + a·(s·B_ft@A_ft − s·B0@A0)`` for adapters that start with ``B0@A0 = 0`` (peft's
+    default ``init_lora_weights=True``); any other start is refused at setup (interpolating ``A`` and ``B``
+    apart would miss the interpolated update). DoRA layers are refused too.
 
     With an :class:`~lightning_transfer.L2SP` callback in the Trainer, its anchors serve as ``w0`` for the
     parameters it anchors (one copy of ``w0``; ``anchor_dtype="bfloat16"`` then rounds ``w0``), and only
@@ -140,6 +148,8 @@ class WiSEFT(Callback):
         self._own: dict[str, Tensor] = {}  # w0 of the parameters L2SP does not anchor
         self._l2sp: L2SP | None = None
         self._shared: list[str] = []  # names whose w0 is L2SP's anchor
+        self._fixed: list[tuple[str, torch.nn.Parameter]] = []  # transferred, frozen by the user: no w0
+        self._low_rank: list[tuple[str, str]] = []  # (A, B) names of LoRA factors
         self._loaded: dict[str, Any] | None = None
         self._missing_state = False
         self._modes: dict[str, bool] = {}  # module name -> training flag, as training uses them
@@ -151,6 +161,9 @@ class WiSEFT(Callback):
             return
         check_strategy(trainer, _OWNER, reason="it evaluates whole-model interpolations with full copies of w0")
         select_parameters(pl_module, self.head)  # an unknown head fails here
+        self._low_rank = lora_factors(pl_module)  # DoRA fails here, and so does a LoRA start B0@A0 != 0
+        if not trainer.ckpt_path:  # a resume checks the restored w0 at fit start
+            check_low_rank_start(dict(pl_module.named_parameters()), self._low_rank, _OWNER)
         find_weight_averaging(trainer, _OWNER)  # two averages to choose between fail here
         if val_loader_of(trainer) is None:
             raise ValueError(f"{_OWNER} selects a on validation data, and this fit has none: give the DataModule or "
@@ -165,9 +178,10 @@ class WiSEFT(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         transferred, head_params, _ = select_parameters(pl_module, self.head)
+        transferred, self._fixed = movable_parameters(trainer, transferred)  # what never moves needs no w0
         named = transferred + (head_params if self.interpolate_head else [])
         l2sp = next((cb for cb in trainer.callbacks if isinstance(cb, L2SP)), None)
-        shared = set(l2sp.anchored_names(pl_module)) if l2sp is not None else set()
+        shared = set(l2sp.anchored_names(pl_module, trainer)) if l2sp is not None else set()
         self._shared = [n for n, _ in named if n in shared]
         self._l2sp = l2sp if self._shared else None
         own = [(n, p) for n, p in named if n not in shared]
@@ -186,6 +200,10 @@ class WiSEFT(Callback):
         else:
             self._own = {n: p.detach().clone() for n, p in own}
 
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        check_low_rank_start(self.pretrained(), self._low_rank, _OWNER)  # w0 complete: L2SP's part too, or resumed
+
     def pretrained(self) -> dict[str, Tensor]:
         """``w0`` by parameter name: this callback's copies and, for what L2SP anchors, L2SP's own tensors."""
         anchors = self._l2sp.anchors if self._l2sp is not None else {}
@@ -197,6 +215,7 @@ class WiSEFT(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        check_still_frozen(self._fixed, _OWNER, "the pre-trained weights w0", "or keep them frozen")
         if not self._modes_fresh:  # after every epoch-start change (FreezeSchedule puts frozen BN in eval)
             self._modes = {n: m.training for n, m in pl_module.named_modules()}
             self._modes_fresh = True
@@ -220,7 +239,7 @@ class WiSEFT(Callback):
         with torch.no_grad(), batchnorm_state_kept(pl_module), trainer.strategy.precision_plugin.forward_context():
             try:
                 for a in self.alphas:
-                    for n, v in interpolate(w0, w_ft, a).items():
+                    for n, v in interpolate(w0, w_ft, a, low_rank=self._low_rank).items():
                         params[n].copy_(v)
                     if train is not None:
                         self._set_training_modes(pl_module)
@@ -275,7 +294,8 @@ class WiSEFT(Callback):
             params = dict(pl_module.named_parameters())
             w0 = self.pretrained()
             with torch.no_grad():
-                for n, v in interpolate(w0, {n: params[n].detach() for n in w0}, self.best_alpha).items():
+                for n, v in interpolate(w0, {n: params[n].detach() for n in w0}, self.best_alpha,
+                                        low_rank=self._low_rank).items():
                     params[n].copy_(v)
                 buffers = dict(pl_module.named_buffers())
                 for n, v in stats.get(self.best_alpha, {}).items():

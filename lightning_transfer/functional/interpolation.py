@@ -3,6 +3,12 @@
 Pure functions over state dicts (``name -> tensor``). Floating-point tensors are combined; integer
 tensors (BatchNorm's ``num_batches_tracked``) are not averages of anything and are taken from the
 fine-tuned model (``interpolate``) or the first model (``uniform_soup``).
+
+Low-rank adapters (LoRA: a layer's weight is ``W0 + s·B@A``) are named as ``(A, B)`` pairs: combining ``A`` and
+``B`` entry-wise would not combine the updates ``s·B@A`` (``mean(B)@mean(A) != mean(B@A)``). ``interpolate``
+keeps ``A`` fine-tuned and sets ``B ← α·B_ft``, which is exactly ``W0 + α·(s·B_ft@A_ft − s·B0@A0)`` when the
+adapter starts with no update (``B0@A0 = 0``, peft's default ``init_lora_weights=True``), and refuses any other
+start; ``uniform_soup`` averages ``B`` where every state shares one ``A`` (exact) and refuses otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["interpolate", "uniform_soup"]
+__all__ = ["check_low_rank_start", "interpolate", "uniform_soup"]
+
+LowRank = Sequence[tuple[str, str]]
 
 
 def _check_pair(name: str, a: Tensor, b: Tensor, what: str) -> None:
@@ -24,11 +32,36 @@ def _check_pair(name: str, a: Tensor, b: Tensor, what: str) -> None:
                          "other; the states must come from the same architecture.")
 
 
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """``B@A`` of LoRA factors of any layer kind (conv factors flattened to matrices), in float32."""
+    return b.detach().float().flatten(1) @ a.detach().float().to(b.device).flatten(1)
+
+
+def check_low_rank_start(w0: Mapping[str, Tensor], low_rank: LowRank, owner: str = "interpolate") -> None:
+    """Refuse LoRA factors ``(A, B)`` of ``w0`` whose pre-trained update ``B0@A0`` is not zero.
+
+    Pairs with a factor absent from ``w0`` (kept frozen, e.g. LoRA-FA's ``A``) are ordinary entries: the update
+    is linear in the other factor. Raises ``ValueError`` naming the first layer and the ways out.
+    """
+    for a_name, b_name in low_rank:
+        if a_name not in w0 or b_name not in w0 or not w0[b_name].any() or not w0[a_name].any():
+            continue  # B0 = 0 (peft's default) needs no product
+        size = float(_product(w0[a_name], w0[b_name]).abs().max())
+        if size != 0:
+            raise ValueError(
+                f"{owner}: the LoRA adapter {b_name!r}, {a_name!r} starts with a non-zero update B0@A0 (max |B0@A0| "
+                f"= {size:.3g}), so no interpolation of its factors gives W0 + a·(s·B_ft@A_ft − s·B0@A0). Create the "
+                "adapter with peft's init_lora_weights=True (B0 = 0), or merge it (merge_and_unload()) in the "
+                "pre-trained and in the fine-tuned model and interpolate the merged weights."
+            )
+
+
 def interpolate(
     w0: Mapping[str, Tensor],
     w_ft: Mapping[str, Tensor],
     alpha: float,
     missing: Literal["finetuned", "error"] = "finetuned",
+    low_rank: LowRank = (),
 ) -> dict[str, Tensor]:
     """``(1 − α)·w0 + α·w_ft`` for every entry of ``w_ft`` (WiSE-FT, Wortsman et al., CVPR 2022).
 
@@ -41,6 +74,10 @@ def interpolate(
         w_ft: Fine-tuned values by name.
         alpha: Mixing coefficient in ``[0, 1]``.
         missing: What to do with names of ``w_ft`` absent from ``w0``.
+        low_rank: ``(A, B)`` names of LoRA factors (see the module docstring, and
+            :func:`~lightning_transfer.anatomy.lora_factors` to list a peft model's): ``A`` keeps its fine-tuned
+            value and ``B ← α·B_ft``, the interpolation of the update ``s·B@A``. A pair whose ``B0@A0`` is not
+            zero is refused (``ValueError``); one with a factor absent from ``w0`` is interpolated entry-wise.
 
     Example::
 
@@ -59,8 +96,14 @@ def interpolate(
     if absent and missing == "error":
         raise KeyError(f"interpolate: no pre-trained value for {absent[:5]} (a new head?); pass missing='finetuned' "
                        "to keep their fine-tuned values.")
+    check_low_rank_start(w0, low_rank)
+    factors = {n: kind for pair in low_rank if all(n in w0 and n in w_ft for n in pair)
+               for n, kind in zip(pair, "AB")}
     out = {}
     for name, ft in w_ft.items():
+        if name in factors:  # LoRA: A_ft and α·B_ft, the interpolation of s·B@A from B0@A0 = 0
+            out[name] = ft.clone() if factors[name] == "A" else ft * float(alpha)
+            continue
         if name not in w0 or not ft.is_floating_point():
             out[name] = ft.clone()
             continue
@@ -69,10 +112,12 @@ def interpolate(
     return out
 
 
-def uniform_soup(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """The entry-wise mean of several states of one architecture (a uniform model soup).
+def uniform_soup(states: Sequence[Mapping[str, Tensor]], low_rank: LowRank = ()) -> dict[str, Tensor]:
+    r"""The entry-wise mean of several states of one architecture (a uniform model soup).
 
     Floating-point entries are averaged in float64 and cast back; other entries come from ``states[0]``.
+    ``low_rank``: ``(A, B)`` names of LoRA factors; the mean of the ``B``\ s is the mean of the updates only
+    where every state holds the same ``A`` (a frozen ``A``), so different ``A``\ s are refused (``ValueError``).
 
     Example::
 
@@ -88,6 +133,13 @@ def uniform_soup(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
             diff = sorted(set(s) ^ set(names))
             raise KeyError(f"uniform_soup: state {i} has other entries than state 0 (e.g. {diff[:5]}); "
                            "pass states of one architecture.")
+    for a_name, b_name in low_rank:
+        if a_name in names and not all(torch.equal(s[a_name], states[0][a_name]) for s in states[1:]):
+            raise ValueError(
+                f"uniform_soup: the LoRA factor {a_name!r} differs between states, so averaging A and B apart does "
+                f"not average the updates B@A (of {b_name!r}). Merge each state's adapter (peft's "
+                "merge_and_unload()) and soup the merged models, or train with A frozen (shared by every state)."
+            )
     out = {}
     for name in names:
         first = states[0][name]
