@@ -231,6 +231,17 @@ def rank_main(argv: list[str]) -> None:
     print(f"Wrote {Path(args.out) / 'rank.csv'} and {Path(args.out) / 'rank.png'}", flush=True)
 
 
+def _close_process_group() -> None:
+    """End a multi-process run cleanly: Lightning closes only NCCL process groups; a gloo group's threads, still
+    running at interpreter exit, can abort it (return code -6) after a successful fit (``configs/fsdp2.yaml``
+    on CPU). Every rank waits for the others, then closes the group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main() -> None:
     """Entry point of ``lightning-transfer fit|validate|test|predict|depth-scan|rank``."""
     import sys
@@ -241,6 +252,7 @@ def main() -> None:
         rank_main(sys.argv[2:])
     else:
         build_cli()
+        _close_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

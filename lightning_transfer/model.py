@@ -12,8 +12,10 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_transfer.anatomy import list_blocks
 from lightning_transfer.backbones import build_backbone, replace_head
 from lightning_transfer.batches import batch_inputs, batch_labels, logits_of
+from lightning_transfer.functional.sharding import ShardingError, fully_shard_blocks
 from lightning_transfer.optim import build_param_groups
 
 __all__ = ["TransferClassifier", "build_backbone", "replace_head"]
@@ -132,6 +134,31 @@ class TransferClassifier(LightningModule):
                 inputs["pixel_values"] = self._normalize(inputs["pixel_values"])
             return logits_of(self.backbone(**inputs))
         return logits_of(self.backbone(self._normalize(x)))
+
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under ``ModelParallelStrategy``; under any other strategy, do nothing.
+
+        Each block of the backbone (:func:`~lightning_transfer.list_blocks`, the head included) becomes a
+        ``fully_shard`` unit over the strategy's data-parallel mesh, then the whole module does (the root:
+        it holds whatever no block does). The backbone itself is not wrapped, so its class, which the
+        anatomy reads, stays as it was. Lightning calls this hook at setup; a second call does nothing.
+
+        Raises:
+            ShardingError: ``tensor_parallel_size > 1``: the model shards with FSDP2 only.
+        """
+        mesh = self.device_mesh  # set by ModelParallelStrategy only
+        if mesh is None:
+            return
+        names = mesh.mesh_dim_names or ()
+        tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+        if tensor_parallel > 1:
+            raise ShardingError(
+                f"{type(self).__name__} shards itself with FSDP2 only (fully_shard per block over the data-parallel "
+                f"mesh), not with tensor parallelism (tensor_parallel_size={tensor_parallel}). Use "
+                "ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1) (see "
+                "configs/fsdp2.yaml), or subclass it and override configure_model with your own parallelize plan."
+            )
+        fully_shard_blocks(self, [block for _, block in list_blocks(self.backbone)], mesh["data_parallel"])
 
     def _step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         y = batch_labels(batch)

@@ -145,3 +145,17 @@ def test_no_warning_about_args_and_command_line_arguments_together(monkeypatch, 
     assert "L2SP" in [type(cb).__name__ for cb in cli.trainer.callbacks]
     both = [str(w.message) for w in caught if "not recommended to provide both" in str(w.message)]
     assert not both, both
+
+
+def test_fsdp2_config_stacks_a_model_parallel_strategy():
+    """configs/fsdp2.yaml on the quickstart config: FSDP2 on 2 processes, data parallel only (the strategy is
+    built, no process starts; tests/test_transfer_classifier_sharded.py runs the sharded fits)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    args = ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "fsdp2.yaml"), *OFFLINE,
+            "--trainer.logger=false"]
+    cli = build_cli(args, run=False)
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, ModelParallelStrategy) and cli.trainer.num_devices == 2
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
+    assert type(cli.model).__name__ == "TransferClassifier" and cli.trainer.max_epochs == 30  # the rest stays

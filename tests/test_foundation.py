@@ -129,11 +129,12 @@ def test_cli_runs_the_quickstart_config(tmp_path):
 
 
 MODEL_CONFIGS = ("vit_timm.yaml", "hf_vit.yaml")  # backbones by name that download: tests/test_cli.py builds them offline
+STRATEGY_CONFIGS = ("fsdp2.yaml",)  # a strategy, no method: tests/test_cli.py checks what it builds
 
 
 @pytest.mark.parametrize(
     "config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
-                     if p.name not in ("quickstart.yaml", "depth_scan.yaml", *MODEL_CONFIGS))
+                     if p.name not in ("quickstart.yaml", "depth_scan.yaml", *MODEL_CONFIGS, *STRATEGY_CONFIGS))
 )
 def test_every_method_config_builds_on_the_quickstart(config):
     cli = build_cli(["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(ROOT / "configs" / config)], run=False)

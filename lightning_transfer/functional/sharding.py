@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 __all__ = [
-    "fully_shard_linears",
+    "fully_shard_blocks", "fully_shard_linears",
     "ShardingError", "check_shardable", "full_tensor", "is_sharded", "local", "reduce_partial_sums",
     "shard_like", "copy_full_", "plain_parameters",
 ]
@@ -165,19 +169,53 @@ def plain_parameters(module: nn.Module) -> Iterator[None]:
             copy_full_(original, plain.detach())
 
 
-def fully_shard_linears(module: nn.Module, mesh) -> nn.Module:
-    """FSDP2 as the library's tests and benchmarks use it: ``fully_shard`` each ``nn.Linear``, then the root.
+def fully_shard_blocks(module: nn.Module, blocks: Sequence[nn.Module], mesh: DeviceMesh) -> nn.Module:
+    """FSDP2 per block: ``fully_shard`` each block of ``module`` over ``mesh``, then ``module`` itself (the root).
 
-    Call it in ``LightningModule.configure_model`` with ``self.device_mesh["data_parallel"]`` under
-    ``ModelParallelStrategy``; a second call (Lightning may call ``configure_model`` again) does nothing.
+    Each block becomes one FSDP2 unit, whose parameters are all-gathered just before it runs and freed
+    after it ran (only a block or two hold full parameters at a time, besides the root). A block that is not a
+    submodule of ``module`` (a group of references such as :class:`~lightning_transfer.anatomy.BlockGroup`)
+    is sharded as its outermost modules that are: a unit must be a module that runs in the forward, and
+    a group runs only through its members. The parameters of no unit (a group's loose parameters, e.g. a
+    class token of the network's root; whatever lies outside the blocks) belong to the root's unit.
+    Units are sharded innermost first, as FSDP2 requires (a unit takes every parameter of its module that
+    no inner unit holds); blocks without parameters and modules already sharded are left as they are.
+
+    Call it in ``LightningModule.configure_model`` under ``ModelParallelStrategy`` with
+    ``self.device_mesh["data_parallel"]``. Idempotent: when ``module`` is already an FSDP2 module (Lightning
+    may call ``configure_model`` again) nothing happens.
+
+    Args:
+        module: The root to shard last (the LightningModule, so that every parameter it holds is sharded).
+        blocks: Modules of ``module``, or groups of them, each to become a unit (e.g. the modules of
+            :func:`~lightning_transfer.list_blocks`).
+        mesh: The 1-D data-parallel device mesh.
+
+    Returns:
+        ``module``, sharded in place (now also an instance of ``torch.distributed.fsdp.FSDPModule``).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    if getattr(module, "_lt_fully_sharded", False):
+    if isinstance(module, FSDPModule):
         return module
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            fully_shard(m, mesh=mesh)
+    position = {id(m): i for i, m in enumerate(module.modules())}  # pre-order: an ancestor comes first
+
+    def units(block: nn.Module) -> list[nn.Module]:
+        if id(block) in position:
+            return [block]
+        return [u for child in block.children() for u in units(child)]
+
+    found = {id(u): u for block in blocks for u in units(block)}
+    for unit in sorted(found.values(), key=lambda u: -position[id(u)]):  # innermost first
+        if not isinstance(unit, FSDPModule) and any(True for _ in unit.parameters()):
+            fully_shard(unit, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    module._lt_fully_sharded = True
     return module
+
+
+def fully_shard_linears(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """FSDP2 as the library's contract tests and benchmarks use it: each ``nn.Linear`` a unit, then the root.
+
+    :func:`fully_shard_blocks` with every ``nn.Linear`` of ``module`` as a block (idempotent too).
+    """
+    return fully_shard_blocks(module, [m for m in module.modules() if isinstance(m, nn.Linear)], mesh)
