@@ -18,7 +18,8 @@ def block_features(x: Tensor, mask: Tensor | None = None) -> Tensor:
     * ``(n,)`` and ``(n, d)``: as they are.
     * ``(n, tokens, hidden)`` (transformers: Hugging Face, timm and torchvision ViT blocks): the mean over
       tokens, counting only the tokens where ``mask`` (``(n, tokens)``, e.g. the batch's
-      ``attention_mask``) is non-zero. Pooling, not flattening: padding tokens carry nothing, and
+      ``attention_mask``) is non-zero, on either side (left padding: decoders). Pooling, not flattening:
+      padding tokens carry nothing (whatever a padded position holds, NaN included, never enters), and
       batches padded to different lengths give the same feature size.
     * ``(n, C, H, W)`` and higher (convolutional maps, channels first or last): flattened to
       ``(n, C·H·W)``, as Kornblith et al. do; CKA does not depend on the order of features.
@@ -39,8 +40,9 @@ def block_features(x: Tensor, mask: Tensor | None = None) -> Tensor:
     if x.ndim == 3:
         if mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
             return x.mean(1)
-        weights = (mask != 0).to(x.dtype).unsqueeze(-1)
-        return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+        real = (mask != 0).unsqueeze(-1)
+        # masked_fill, not a product with the mask: a padded position may hold inf or NaN (0·NaN is NaN)
+        return x.masked_fill(~real, 0).sum(1) / real.sum(1).clamp_min(1).to(x.dtype)
     return x.reshape(x.shape[0], -1)
 
 

@@ -1,10 +1,11 @@
-"""The contract on transformers (issue #16): every callback of SINGLE, and layer decay, on four families.
+"""The contract on transformers (issues #16, #23): every callback of SINGLE, and layer decay, on six families.
 
-Each family (tests/contract/transformer_models.py: Hugging Face BERT on padded token dicts, Hugging Face
-ViT, timm ViT, torchvision Swin) trains inside the library's ``TransferClassifier``. Columns: (1) the
-callback's visible effect and a finite, changed model; (2) resume equals uninterrupted; (3) accumulation
-(8x2) equals the full batch (16); (4) bf16-mixed keeps the update; (5) state_dict round trip. The
-callback combinations and the multi-process column run on BERT (test_transformer_combinations.py).
+Each family (tests/contract/transformer_models.py: Hugging Face BERT on padded token dicts, a Hugging Face
+Llama decoder on left-padded token dicts, peft LoRA on that BERT, Hugging Face ViT, timm ViT, torchvision
+Swin) trains inside the library's ``TransferClassifier``. Columns: (1) the callback's visible effect and
+a finite, changed model whose frozen parameters (peft's base) never moved; (2) resume equals uninterrupted;
+(3) accumulation (8x2) equals the full batch (16); (4) bf16-mixed keeps the update; (5) state_dict round
+trip. The callback combinations and the multi-process column run on BERT (test_transformer_combinations.py).
 """
 
 from __future__ import annotations
@@ -106,6 +107,14 @@ def test_behaviour(family, name):
     assert all(torch.isfinite(v).all() for v in end.values())
     assert any(not torch.equal(watch.start[k], end[k]) for k in end)
     assert not watch.thawed, f"parameters changed while frozen: {sorted(set(watch.thawed))[:5]}"
+    # what the model holds frozen before fit (peft's base weights and its original_module head) never moves:
+    # not in a step, nor by a callback acting at epoch or fit boundaries (RIFLE, MEI, WiSE-FT, FreezeSchedule)
+    held = {n for n, p in _module(family, name).named_parameters() if not p.requires_grad}
+    assert bool(held) == (family == "peft_lora_bert")
+    assert all(torch.equal(watch.start[n], end[n]) for n in held), sorted(n for n in held if not torch.equal(
+        watch.start[n], end[n]))[:5]
+    if family == "peft_lora_bert":  # and the adapter trains: its lora_B factors (zero at the start) moved
+        assert any(not torch.equal(watch.start[n], end[n]) for n in end if ".lora_B." in n)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
     callbacks = {type(cb) for cb in trainer.callbacks}
@@ -121,7 +130,8 @@ def test_behaviour(family, name):
     if RIFLE in callbacks:  # at epoch 3 the head alone is re-initialized: new weights, nothing else touched
         before, after = watch.epoch_end[2], watch.epoch_start[3]
         changed = {k for k in before if not torch.equal(before[k], after[k])}
-        assert changed == {f"{info.head}.weight", f"{info.head}.bias"}
+        head = {f"{info.head}.{n}" for n, _ in model.get_submodule(info.head).named_parameters()}
+        assert changed == head and f"{info.head}.weight" in head  # Llama's score Linear has no bias
     if FeatureMapRegularization in callbacks:
         cb = _callback(trainer, FeatureMapRegularization)
         assert metrics["delta/penalty"] > 0

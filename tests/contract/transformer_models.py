@@ -1,10 +1,13 @@
 """The contract suite's transformer families: tiny random-initialized models inside ``TransferClassifier``.
 
-Four families (issue #16): a Hugging Face BERT on token ids (dict batches with padding), a Hugging Face
-ViT, a timm ViT and a torchvision Swin on 3x32x32 float images. Each is built from a small config
-(the builders of tests/test_anatomy.py; nothing is downloaded), with dropout and stochastic depth
-off so that runs are deterministic and gradient accumulation is exact. The data are learnable rules
-served by a :class:`FamilyData` data module (``shuffle=False``: a resumed run sees the same batches).
+Six families. Issue #16: a Hugging Face BERT on token ids (dict batches with padding), a Hugging Face
+ViT, a timm ViT and a torchvision Swin on 3x32x32 float images. Issue #23: a Hugging Face Llama decoder
+with a sequence-classification head on LEFT-padded token dicts (the decoder convention), and the same
+tiny BERT wrapped by peft (``get_peft_model``, LoRA on query/value, the classifier in
+``modules_to_save``) on right-padded token dicts. Each is built from a small config (the builders of
+tests/test_anatomy.py; nothing is downloaded), with dropout and stochastic depth off so that runs are
+deterministic and gradient accumulation is exact. The data are learnable rules served by a
+:class:`FamilyData` data module (``shuffle=False``: a resumed run sees the same batches).
 """
 
 from __future__ import annotations
@@ -28,6 +31,30 @@ from tests.test_anatomy import _TEXT, ARCHITECTURES, _hf, _timm
 CLASSES = 3
 VOCAB, SEQ = _TEXT["vocab_size"], 12
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+BERT = dict(hidden_size=16, num_hidden_layers=2, intermediate_size=32, **NO_DROPOUT, **_TEXT)
+# the data draw token ids in [1, VOCAB) (0 pads), all inside Llama's vocabulary of 100
+LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, attention_dropout=0.0)
+LORA_PREFIX = "backbone.base_model.model."  # where peft puts the wrapped network
+
+
+def _llama() -> nn.Module:
+    """A tiny Llama sequence classifier whose pad token has a non-zero embedding, as when a tokenizer pads with
+    its eos token: padded positions then carry hidden states that a callback must not count as features
+    (with the zero row of ``padding_idx`` they would stay exactly 0 in every layer, and hide that)."""
+    model = _hf("LlamaForSequenceClassification", "LlamaConfig", **LLAMA)()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[LLAMA["pad_token_id"]].normal_()
+    return model
+
+
+def _lora_bert() -> nn.Module:
+    """The hf_bert family's tiny BERT wrapped by peft: LoRA r=4 on query/value, the classifier trained in full."""
+    import peft  # in the test extra: a missing peft fails here, never skips
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
+                             modules_to_save=["classifier"])
+    return peft.get_peft_model(_hf("BertForSequenceClassification", "BertConfig", **BERT)(), config)
 
 
 def no_dropout(model: nn.Module) -> nn.Module:
@@ -48,14 +75,23 @@ class Family:
     text: bool
     model: Model  # head and two hidden-state layers (real module names inside TransferClassifier)
     channels: tuple[int, ...]  # size of each layer's channel (last) dim, for DELTA's attention
+    padding: str = "right"  # token families: which side the padding goes (decoders pad on the left)
 
 
 FAMILIES: dict[str, Family] = {
     "hf_bert": Family(
-        _hf("BertForSequenceClassification", "BertConfig", hidden_size=16, num_hidden_layers=2, intermediate_size=32,
-            **NO_DROPOUT, **_TEXT),
+        _hf("BertForSequenceClassification", "BertConfig", **BERT),
         text=True, channels=(16, 16),
         model=Model("backbone.classifier", ("backbone.bert.encoder.layer.0", "backbone.bert.encoder.layer.1"))),
+    # a decoder: causal attention, the score read at the last real token, LEFT padding
+    "hf_llama": Family(
+        _llama, text=True, channels=(32, 32), padding="left",
+        model=Model("backbone.score", ("backbone.model.layers.0", "backbone.model.layers.1"))),
+    # the head is the trained modules_to_save copy (TransferClassifier replaces it for CLASSES); the base is frozen
+    "peft_lora_bert": Family(
+        _lora_bert, text=True, channels=(16, 16),
+        model=Model(f"{LORA_PREFIX}classifier.modules_to_save.default",
+                    (f"{LORA_PREFIX}bert.encoder.layer.0", f"{LORA_PREFIX}bert.encoder.layer.1"))),
     "hf_vit": Family(
         _hf("ViTForImageClassification", "ViTConfig", image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
             num_attention_heads=2, intermediate_size=32, **NO_DROPOUT),
@@ -71,12 +107,14 @@ FAMILIES: dict[str, Family] = {
 
 
 class _TokenData(Dataset):
-    """Hugging Face style examples ``{"input_ids", "attention_mask", "labels"}`` padded to ``SEQ`` tokens."""
+    """Hugging Face style examples ``{"input_ids", "attention_mask", "labels"}`` of unequal lengths, padded to
+    ``SEQ`` tokens on the right or (``side="left"``) on the left."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, side: str = "right") -> None:
         g = torch.Generator().manual_seed(seed)
         lengths = torch.randint(SEQ // 2, SEQ + 1, (n,), generator=g)
-        self.mask = (torch.arange(SEQ) < lengths[:, None]).long()
+        real = torch.arange(SEQ) >= SEQ - lengths[:, None] if side == "left" else torch.arange(SEQ) < lengths[:, None]
+        self.mask = real.long()
         self.ids = torch.randint(1, VOCAB, (n, SEQ), generator=g) * self.mask  # 0: the pad token
         # the label: which third of the vocabulary the real (unpadded) tokens fall in most often
         thirds = torch.div(self.ids - 1, (VOCAB - 1 + CLASSES - 1) // CLASSES, rounding_mode="floor").clamp(0, CLASSES - 1)
@@ -102,10 +140,10 @@ class FamilyData(LightningDataModule):
 
     def __init__(self, family: str, n: int = 32, batch_size: int = 16) -> None:
         super().__init__()
-        self.text, self.n, self.batch_size = FAMILIES[family].text, n, batch_size
+        self.text, self.side, self.n, self.batch_size = FAMILIES[family].text, FAMILIES[family].padding, n, batch_size
 
     def _data(self, n: int, seed: int) -> Dataset:
-        return _TokenData(n, seed) if self.text else _images(n, seed)
+        return _TokenData(n, seed, self.side) if self.text else _images(n, seed)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self._data(self.n, 0), batch_size=self.batch_size, shuffle=False)
