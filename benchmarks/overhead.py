@@ -9,7 +9,9 @@ and the spread (min–max). Floors, as ratios to plain: L2SP 1 + 4 passes over t
 write g), decoupled 1 + 3 passes, DTNH+L2SP 1 + 7 passes (the projection reads g and r twice and writes g;
 r is made from w and w0 on the way), DELTA 1 + one no-grad forward of the reference model, DTNH+DELTA also
 a backward from the regularized layers (DTNH needs r apart) and 5 passes; RIFLE and MEI 1 (they do nothing
-per step). A pass is timed on the model's parameters (see overhead_kernels.py).
+per step). A pass is timed on the model's parameters (see overhead_kernels.py). Separate fits still carry the
+machine's drift between them; the per-step variants are therefore also measured step against step, their
+work switched on every other step of one fit (overhead_paired.py), and the summary gives those ratios.
 
     python benchmarks/overhead.py                        # CPU, fp32, four models (~15 min on 2 busy cores)
     python benchmarks/overhead.py --models resnet18 --rounds 7
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from overhead_kernels import bench_kernels  # noqa: E402
+from overhead_paired import bench_paired  # noqa: E402
 
 from lightning_transfer import (  # noqa: E402
     DTNH,
@@ -216,7 +219,7 @@ def _ratio_row(label, ratios, extra=""):
     return (f"| {label} | {statistics.median(ratios):.3f} | {min(ratios):.3f}–{max(ratios):.3f} |" + extra)
 
 
-def bench_steps(name, args, rounds, one_pass, lines, summary):
+def bench_steps(name, args, rounds, one_pass, lines, summary, paired_rounds=0):
     probe = make_model(name, args.size)
     steps = args.warmup + args.steps
     table = variants(probe, steps)
@@ -263,6 +266,9 @@ def bench_steps(name, args, rounds, one_pass, lines, summary):
     lines.append("")
     summary[name] = {v: statistics.median(per_round[v]) for v in table} | {
         "DTNH+L2SP / L2SP": statistics.median(vs_l2sp), "floors": floors}
+    if paired_rounds > 0:  # the per-step work, step against step in one fit
+        per_step = {v: table[v] for v in ("L2SP", "L2SP decoupled", "DTNH+L2SP", "DELTA", "DTNH+DELTA")}
+        bench_paired(name, make_model, per_step, args, paired_rounds, floors, lines, summary)
 
 
 def bench_validation(name, args, lines):
@@ -312,13 +318,17 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20, help="repetitions of each kernel")
     parser.add_argument("--val-rounds", type=int, default=1)
+    parser.add_argument("--paired-rounds", type=int, default=4,
+                        help="paired fits per per-step variant, first model (0: none)")
+    parser.add_argument("--other-paired-rounds", type=int, default=2, help="... for the other models")
+    parser.add_argument("--paired-steps", type=int, default=20, help="measured steps per paired fit (even)")
     parser.add_argument("--compiled", action="store_true", help="also time L2SP(fused=True)'s compiled kernel")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps, resnet18 at 32x32")
     parser.add_argument("--out", default="benchmarks/results/overhead_cpu.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.rounds, args.other_rounds, args.steps, args.warmup = "resnet18", 1, 1, 2, 1
-        args.size, args.reps, args.val_rounds = 32, 3, 1
+        args.size, args.reps, args.val_rounds, args.paired_rounds, args.paired_steps = 32, 3, 1, 1, 4
     torch.set_float32_matmul_precision("high")
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
                    else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
@@ -341,7 +351,8 @@ def main(argv=None):
     for i, name in enumerate(names):
         one_pass = bench_kernels(make_model(name, args.size).to(args.device), name, args.reps,
                                  args.compiled and i == 0, lines)
-        bench_steps(name, args, args.rounds if i == 0 else args.other_rounds, one_pass, lines, summary)
+        bench_steps(name, args, args.rounds if i == 0 else args.other_rounds, one_pass, lines, summary,
+                    args.paired_rounds if i == 0 else args.other_paired_rounds)
         if args.val_rounds > 0:
             bench_validation(name, args, lines)
         write(done=False)  # written after each model: partial runs count
@@ -350,16 +361,28 @@ def main(argv=None):
 
 
 def _summary(summary: dict) -> list[str]:
+    """Per-step variants from the paired fits where they ran (their separate-fit ratio in brackets), the
+    others from separate fits."""
     if not summary:
         return []
-    keys = ["L2SP", "L2SP decoupled", "DTNH+L2SP", "DTNH+L2SP / L2SP", "DELTA", "DTNH+DELTA", "RIFLE", "MEI"]
-    out = ["## Summary: ratio to plain (floor)", "", "| variant | " + " | ".join(summary) + " |",
-           "|---|" + "---|" * len(summary)]
+    keys = ["plain (null control)", "L2SP", "L2SP decoupled", "DTNH+L2SP", "DTNH+L2SP / L2SP", "DELTA", "DTNH+DELTA",
+            "RIFLE", "MEI"]
+    out = ["## Summary: ratio to plain (floor)", "",
+           "Per-step variants: the median of on/off step pairs in one fit (see *Paired steps*), with the ratio of "
+           "separate fits in brackets; RIFLE, MEI and FreezeSchedule from separate fits.", "",
+           "| variant | " + " | ".join(summary) + " |", "|---|" + "---|" * len(summary)]
     for k in keys:
         cells = []
         for s in summary.values():
-            floor = s["floors"].get(k, s["floors"]["DTNH+L2SP"] / s["floors"]["L2SP"] if "/" in k else None)
-            cells.append(f"{s[k]:.2f} ({floor:.2f})" if floor is not None else f"{s[k]:.2f}")
+            floors, paired = s["floors"], s.get("paired", {})
+            floor = 1.0 if k.startswith("plain") else floors.get(
+                k, floors["DTNH+L2SP"] / floors["L2SP"] if "/" in k else None)
+            if k in paired:
+                cells.append(f"{paired[k]:.3f} ({floor:.3f}) [{s[k]:.2f}]" if k in s else f"{paired[k]:.3f} ({floor:.3f})")
+            elif k in s:
+                cells.append(f"{s[k]:.2f} ({floor:.2f})" if floor is not None else f"{s[k]:.2f}")
+            else:
+                cells.append("—")
         out.append(f"| {k} | " + " | ".join(cells) + " |")
     for k in ("FreezeSchedule, half the blocks", "FreezeSchedule, all but the head"):
         out.append(f"| {k} | " + " | ".join(f"{s[k]:.2f}" for s in summary.values()) + " |")
