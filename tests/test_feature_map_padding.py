@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # in the test extra: a missing package fails here, never skips
 from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader
@@ -22,8 +23,6 @@ from torch.utils.data import DataLoader
 from lightning_transfer import FeatureMapRegularization
 from lightning_transfer.functional.feature_maps import feature_map_penalty
 from tests.helpers import params_of, quiet_trainer
-
-transformers = pytest.importorskip("transformers")
 
 PAD, VOCAB, CLASSES, ALPHA = 0, 100, 3, 0.5
 

@@ -108,7 +108,6 @@ def test_offline_pretrained_weights_are_loaded_and_head_is_new():
 def test_torchvision_and_timm_backbones_offline():
     model, _ = build_backbone("torchvision:resnet18", 4, pretrained=False)
     assert model.fc.out_features == 4
-    pytest.importorskip("timm")
     model, (mean, _) = build_backbone("timm:resnet18", 4, pretrained=False)
     assert model.get_classifier().out_features == 4 and len(mean) == 3
 

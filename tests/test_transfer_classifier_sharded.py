@@ -113,8 +113,8 @@ def mesh(tmp_path):
     """A one-rank gloo group and its 2-D mesh, as ModelParallelStrategy(1, 1) builds it; destroyed after."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
+    # a group left by an earlier test in this worker would be a leak of its own: fail, do not skip
+    assert not dist.is_initialized(), "a process group is already initialized in this process (an earlier test leaked it)"
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
