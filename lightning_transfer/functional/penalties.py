@@ -206,13 +206,7 @@ def add_l2sp_grad_(
                 continue
             big = sorted(set(range(len(w))) - set(small))
             g, w, w0 = [g[j] for j in big], [w[j] for j in big], [w0[j] for j in big] if w0 is not None else None
-        largest = max(t.numel() for t in w)
-        key = (device, dtype)
-        scratch = workspace.get(key) if workspace is not None else None
-        if scratch is None or scratch.numel() < largest:
-            scratch = torch.empty(largest, dtype=dtype, device=device)
-            if workspace is not None:
-                workspace[key] = scratch
+        scratch = scratch_buffer(workspace, (device, dtype), max(t.numel() for t in w))
         squares = []
         for j, (gi, wi) in enumerate(zip(g, w)):
             if w0 is None:
@@ -233,6 +227,17 @@ def add_l2sp_grad_(
 
 
 _SMALL = 1 << 15  # elements: below this a tensor's temporaries are cheap, and a per-tensor call costs more
+
+
+def scratch_buffer(workspace: dict | None, key: tuple, size: int) -> Tensor:
+    """A 1-d buffer of at least ``size`` elements of ``key = (device, dtype)``, kept in ``workspace`` (reused
+    by every later call with the same dict, so no step allocates a full-size temporary)."""
+    scratch = workspace.get(key) if workspace is not None else None
+    if scratch is None or scratch.numel() < size:
+        scratch = torch.empty(size, dtype=key[1], device=key[0])
+        if workspace is not None:
+            workspace[key] = scratch
+    return scratch
 
 
 _FAILED = object()

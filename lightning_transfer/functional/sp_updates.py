@@ -11,7 +11,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_transfer.functional.penalties import _SMALL, group_by_device_dtype, sp_penalty_and_grad
+from lightning_transfer.functional.penalties import (
+    _SMALL,
+    group_by_device_dtype,
+    scratch_buffer,
+    sp_penalty_and_grad,
+)
 
 __all__ = ["l2sp_grad_into_", "l2sp_pull_"]
 
@@ -88,7 +93,7 @@ def l2sp_pull_(
         return value
     squares = []
     for key, idx in group_by_device_dtype(params).items():
-        scratch = _scratch(workspace, key, max(params[i].numel() for i in idx))
+        scratch = scratch_buffer(workspace, key, max(params[i].numel() for i in idx))
         for i in idx:
             d = scratch[: params[i].numel()].view_as(params[i])
             torch.sub(params[i], anchors[i], out=d)
@@ -96,12 +101,3 @@ def l2sp_pull_(
             params[i].sub_(d, alpha=weight)
     return 0.5 * torch.stack(squares).sum()
 
-
-def _scratch(workspace: dict | None, key: tuple, size: int) -> Tensor:
-    """A 1-d buffer of at least ``size`` elements of ``key = (device, dtype)``, kept in ``workspace``."""
-    scratch = workspace.get(key) if workspace is not None else None
-    if scratch is None or scratch.numel() < size:
-        scratch = torch.empty(size, dtype=key[1], device=key[0])
-        if workspace is not None:
-            workspace[key] = scratch
-    return scratch
