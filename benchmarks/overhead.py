@@ -15,7 +15,8 @@ work switched on every other step of one fit (overhead_paired.py), and the summa
 
     python benchmarks/overhead.py                        # CPU, fp32, four models (~15 min on 2 busy cores)
     python benchmarks/overhead.py --models resnet18 --rounds 7
-    python benchmarks/overhead.py --device cuda --precision bf16-mixed --out benchmarks/results/overhead_gpu.md
+    python benchmarks/overhead.py --device cuda --precision bf16-mixed --out benchmarks/results/overhead_gpu_h200_bf16.md
+    python benchmarks/overhead.py --device cuda --precision 16-mixed --optimizer adamw-fused
     python benchmarks/overhead.py --quick                # smoke run (the test suite runs it)
 """
 
@@ -59,15 +60,28 @@ MODELS = {"resnet18": "torchvision:resnet18", "lite0": "efficientnet_lite0", "re
           "vit": "timm vit_tiny_patch16_224, patch 8"}
 
 
+class FusedAdamWClassifier(TransferClassifier):
+    """The benchmark's model trained with torch's fused AdamW (``--optimizer adamw-fused``): under 16-mixed the
+    fused step unscales the gradients itself, the set-up of #27's first defect."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, fused=True)
+
+
+OPTIMIZER = {"name": "sgd"}  # set by --optimizer
+
+
 def make_model(name: str, size: int) -> TransferClassifier:
     torch.manual_seed(0)
     kw = dict(num_classes=10, weight_decay=0.0, scheduler="constant")
+    cls = FusedAdamWClassifier if OPTIMIZER["name"] == "adamw-fused" else TransferClassifier
+    if cls is FusedAdamWClassifier:
+        kw.update(optimizer="adamw", lr=1e-4)
     if name == "vit":  # a small ViT at the benchmark's resolution: (size/8)² tokens of width 192, 12 blocks
         import timm
 
-        return TransferClassifier(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size,
-                                                    patch_size=8), **kw)
-    return TransferClassifier(MODELS[name], pretrained=name == "lite0", **kw)
+        return cls(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, patch_size=8), **kw)
+    return cls(MODELS[name], pretrained=name == "lite0", **kw)
 
 
 def _module_name(model, block_name: str) -> str:
@@ -311,6 +325,8 @@ def main(argv=None):
     parser.add_argument("--models", default="resnet18,lite0,resnet50,vit")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw-fused"],
+                        help="sgd (momentum 0.9) or torch's fused AdamW (e.g. with --precision 16-mixed)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of train-step variants for the first model")
     parser.add_argument("--other-rounds", type=int, default=2, help="... for the other models")
@@ -330,11 +346,12 @@ def main(argv=None):
         args.models, args.rounds, args.other_rounds, args.steps, args.warmup = "resnet18", 1, 1, 2, 1
         args.size, args.reps, args.val_rounds, args.paired_rounds, args.paired_steps = 32, 3, 1, 1, 4
     torch.set_float32_matmul_precision("high")
+    OPTIMIZER["name"] = args.optimizer
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
                    else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     started, load_before = time.time(), _load()
     command = " ".join(["python benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])])
-    head = [f"# Overhead of each callback ({args.device}, {args.precision})", "",
+    head = [f"# Overhead of each callback ({args.device}, {args.precision}, {args.optimizer})", "",
             f"Machine: {device_name}; torch {torch.__version__}. Train steps: {args.rounds} rounds for the first "
             f"model, {args.other_rounds} for the others, × {args.steps} measured steps per variant (after "
             f"{args.warmup} warm-up), variants shuffled each round; kernels: {args.reps} interleaved repetitions.",
