@@ -46,6 +46,7 @@ from lightning_transfer import (  # noqa: E402
     RIFLE,
     FeatureMapRegularization,
     FreezeSchedule,
+    LiNeS,
     MaxEntropyHeadInit,
 )
 from lightning_transfer.anatomy import final_linear, find_head  # noqa: E402
@@ -81,6 +82,8 @@ def settings(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
                                   lambda k: [FreezeSchedule.lp_ft(int(k), blocks=task.blocks)]),
         "LP-FT (converged probe)": lrs(probe=True),
         "best depth": knob("depth", task.depths, lambda d: [FreezeSchedule(depth=int(d), blocks=task.blocks)]),
+        # LiNeS: the depth slope b (two values) x two learning rates; a is chosen on validation inside each run
+        "LiNeS": knob("b", (0.5, 1.0), lambda b: [LiNeS(beta=b, blocks=task.blocks)]),
         "from scratch": lrs(pretrained=False),
     }
 

@@ -7,6 +7,7 @@ from lightning_transfer.callbacks import (
     RIFLE,
     FeatureMapRegularization,
     FreezeSchedule,
+    LiNeS,
     MaxEntropyHeadInit,
     RepresentationSimilarity,
     WiSEFT,
@@ -16,7 +17,7 @@ from lightning_transfer.model import TransferClassifier, build_backbone
 from lightning_transfer.optim import build_param_groups
 from lightning_transfer.rank import block_features, rank_depths, rank_models
 from lightning_transfer.scan import depth_scan
-from lightning_transfer.soup import greedy_soup
+from lightning_transfer.soup import greedy_soup, model_stock
 
 __version__ = "0.1.0"
 
@@ -39,7 +40,9 @@ __all__ = [
     "find_head",
     "list_blocks",
     "WiSEFT",
+    "LiNeS",
     "greedy_soup",
+    "model_stock",
     "block_features",
     "rank_depths",
     "rank_models",

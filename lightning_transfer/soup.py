@@ -1,4 +1,5 @@
-"""Greedy model soups (Wortsman et al., ICML 2022) and the evaluation helpers weight-space ensembling shares."""
+"""Greedy model soups (Wortsman et al., ICML 2022), Model Stock (Jang et al., ECCV 2024) and the evaluation
+helpers weight-space ensembling shares."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from lightning_transfer.anatomy import lora_factors
 from lightning_transfer.batches import batch_inputs, batch_labels, call_model, logits_of
 from lightning_transfer.batchnorm import batchnorm_state_kept, reestimate_batchnorm
 from lightning_transfer.functional.interpolation import uniform_soup
+from lightning_transfer.functional.model_stock import model_stock_merge
 from lightning_transfer.safe_load import load_torch_file
 from lightning_transfer.validation import check_int
 
-__all__ = ["Soup", "count_correct", "greedy_soup", "has_batchnorm"]
+__all__ = ["Soup", "Stock", "count_correct", "greedy_soup", "has_batchnorm", "model_stock"]
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -54,19 +56,20 @@ class Soup(NamedTuple):
     log: list[dict[str, Any]]
 
 
-def _load_state(candidate: Mapping[str, Tensor] | str | PathLike, trusted: bool = False) -> dict[str, Tensor]:
+def _load_state(candidate: Mapping[str, Tensor] | str | PathLike, trusted: bool = False,
+                owner: str = "greedy_soup") -> dict[str, Tensor]:
     if isinstance(candidate, Mapping):
         return dict(candidate)
     path = Path(candidate)
     if not path.is_file():
-        raise FileNotFoundError(f"greedy_soup: checkpoint {str(path)!r} does not exist.")
+        raise FileNotFoundError(f"{owner}: checkpoint {str(path)!r} does not exist.")
     # a Lightning .ckpt with plain hyper-parameters loads with weights_only=True; its state_dict is used
-    loaded = load_torch_file(path, "greedy_soup", trusted, way_out=(
-        "If you made this file or trust its source, pass greedy_soup(..., trusted=True); else pass the "
-        "candidates as state dicts"))
+    loaded = load_torch_file(path, owner, trusted, way_out=(
+        f"If you made this file or trust its source, pass {owner}(..., trusted=True); else pass the "
+        "states as state dicts"))
     state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else None
     if not isinstance(state, Mapping):
-        raise ValueError(f"greedy_soup: {str(path)!r} holds neither a Lightning checkpoint nor a state dict.")
+        raise ValueError(f"{owner}: {str(path)!r} holds neither a Lightning checkpoint nor a state dict.")
     return dict(state)
 
 
@@ -170,3 +173,66 @@ def greedy_soup(
     finally:
         model.load_state_dict(original)
     return Soup(soup, log)
+
+
+class Stock(NamedTuple):
+    """What :func:`model_stock` returns: the merged state dict, and per merged entry its ``t`` and mean cosine."""
+
+    state_dict: dict[str, Tensor]
+    ratio: dict[str, float]
+    cosine: dict[str, float]
+
+
+def model_stock(
+    finetuned: Sequence[Mapping[str, Tensor] | str | PathLike],
+    pretrained: Mapping[str, Tensor] | str | PathLike,
+    max_relative_update: float = 1.0,
+    trusted: bool = False,
+) -> Stock:
+    r"""Model Stock (Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned models", ECCV 2024):
+    merge ``k >= 2`` fine-tuning runs from one pre-trained model, per layer, toward the pre-trained weights.
+
+    For every floating-point entry (each weight tensor is a layer) with updates ``d_i = w_i − w0``:
+    ``cos`` is the mean over pairs ``i < j`` of the cosine of ``d_i`` and ``d_j`` (the paper's angle for ``k = 2``;
+    for ``k > 2`` it is silent and the mean pairwise cosine is our choice), ``t = k·cos / (1 + (k − 1)·cos)``
+    clamped to ``[0, 1]`` (``cos <= 0``, or a run whose update is zero, gives ``t = 0``: the pre-trained
+    value), and ``w = t·mean(w_i) + (1 − t)·w0``. Integer entries come from ``w0``. BatchNorm running
+    statistics are merged like weights: re-estimate them on training data before use
+    (:func:`~lightning_transfer.batchnorm.reestimate_batchnorm`), as :func:`greedy_soup` does. The math is
+    :func:`~lightning_transfer.functional.model_stock.model_stock_merge`.
+
+    Runs from other starts are refused (their average collapses): a run whose whole update is larger than
+    ``max_relative_update`` times the pre-trained weights (``‖w_i − w0‖ > max_relative_update·‖w0‖`` over all
+    floating entries; fine-tuning moves far less, a run from another initialization about ``√2·‖w0‖``), and an
+    entry on which every run agrees but ``w0`` differs (a frozen layer, a buffer: their common start was not
+    ``w0``). The new head too must start from ``w0``'s head in every run (seed its initialization).
+
+    Args:
+        finetuned: At least two state dicts or checkpoint paths (Lightning ``.ckpt``: their ``state_dict``).
+        pretrained: The state dict (or checkpoint path) every run started from.
+        max_relative_update: The largest accepted ``‖w_i − w0‖ / ‖w0‖``.
+        trusted: Read files with full unpickling (only for files you made or trust); by default weights only.
+
+    Returns:
+        ``Stock(state_dict, ratio, cosine)``: load ``state_dict`` into the model; ``ratio[name]`` is ``t``.
+
+    Example::
+
+        >>> w0 = {"w": torch.zeros(2)}
+        >>> runs = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([1.0, 1.0])}]  # cos = 1/√2
+        >>> stock = model_stock(runs, w0, max_relative_update=float("inf"))  # w0 = 0: any update is "large"
+        >>> round(stock.ratio["w"], 4), [round(v, 4) for v in stock.state_dict["w"].tolist()]
+        (0.8284, [0.8284, 0.4142])
+    """
+    if isinstance(finetuned, (str, PathLike, Mapping)) or not isinstance(finetuned, Sequence) or len(finetuned) < 2:
+        raise ValueError("model_stock: finetuned must be a list of at least two state dicts or checkpoint paths "
+                         "(fine-tuning runs from one pre-trained model).")
+    if isinstance(max_relative_update, bool) or not isinstance(max_relative_update, (int, float)) or \
+            not max_relative_update > 0:
+        raise ValueError(f"model_stock: max_relative_update must be a number > 0, got {max_relative_update!r}.")
+    if not isinstance(trusted, bool):
+        raise TypeError(f"model_stock: trusted must be True or False, got {trusted!r} ({type(trusted).__name__}).")
+    states = [_load_state(c, trusted, "model_stock") for c in finetuned]
+    w0 = _load_state(pretrained, trusted, "model_stock")
+    merged, ratio, cosine = model_stock_merge(states, w0, max_relative_update)
+    return Stock(merged, ratio, cosine)

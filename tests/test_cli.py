@@ -37,6 +37,7 @@ def test_stacked_method_configs_keep_every_callback():
         (("mei.yaml", "rifle.yaml"), ["MaxEntropyHeadInit", "RIFLE"]),
         (("rifle.yaml", "freeze_depth.yaml"), ["RIFLE", "FreezeSchedule"]),
         (("l2sp.yaml", "layer_decay.yaml"), ["L2SP"]),
+        (("l2sp.yaml", "lines.yaml"), ["L2SP", "LiNeS"]),  # LiNeS after L2SP, reading its anchors
     ],
 )
 def test_the_combinations_of_the_readme_compose(configs, expected):

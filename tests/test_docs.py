@@ -53,6 +53,7 @@ METHOD_PAGES = {
     "RIFLE": "methods/rifle.md",
     "RepresentationSimilarity": "methods/similarity.md",
     "WiSEFT": "methods/wise-ft.md",
+    "LiNeS": "methods/lines.md",
 }
 TOOL_PAGES = ["anatomy", "layer-decay", "linear-probe", "ranking", "depth-scan", "soups"]
 PAGES_WITH_EXAMPLES = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")

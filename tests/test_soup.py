@@ -1,13 +1,16 @@
-"""Greedy model soups: a hand-built expected soup, and BatchNorm statistics computed directly."""
+"""Greedy model soups: a hand-built expected soup, and BatchNorm statistics computed directly. Model Stock:
+the rule written out per layer."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_transfer import greedy_soup
+from lightning_transfer import greedy_soup, model_stock
 from lightning_transfer.batchnorm import reestimate_batchnorm
 
 # 1-D points 1, 2, 3, 4 with labels 0, 0, 1, 1. A candidate is Linear(1, 2) whose class-0 row is zero and
@@ -41,6 +44,7 @@ def bn_net() -> nn.Module:
 
 
 def test_batchnorm_is_reestimated_for_every_soup_and_checkpoints_load(tmp_path):
+    torch.manual_seed(2)  # bn_net()'s initialization: both branches of the greedy step must run
     g = torch.Generator().manual_seed(0)
     x_train, x_val = torch.randn(40, 2, generator=g), torch.randn(30, 2, generator=g)
     y_val = (x_val[:, 0] > 0).long()
@@ -109,3 +113,81 @@ def test_batchnorm_the_forward_never_reaches_keeps_its_statistics():
     assert reestimate_batchnorm(model, DataLoader(TensorDataset(x, torch.zeros(12)), batch_size=5)) == 1
     assert torch.equal(model.teacher[1].running_var, before) and model.teacher.training
     torch.testing.assert_close(model.net[1].running_var, (x @ model.net[0].weight.T).var(0).detach())
+
+
+# ---------------------------------------------------------------- Model Stock
+
+
+def stock_runs(k: int, seed: int = 0):
+    """w0 (two layers, a frozen one, a counter) and k runs from it: a shared drift plus run-specific noise."""
+    g = torch.Generator().manual_seed(seed)
+    w0 = {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g), "frozen": torch.randn(2, generator=g),
+          "n": torch.tensor(7)}
+    drift = {n: 0.1 * torch.randn(w0[n].shape, generator=g) for n in ("a", "b")}
+    runs = []
+    for _ in range(k):
+        run = {n: w0[n] + drift[n] + 0.1 * torch.randn(w0[n].shape, generator=g) for n in ("a", "b")}
+        runs.append({**run, "frozen": w0["frozen"].clone(), "n": torch.tensor(9)})
+    return w0, runs
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_model_stock_matches_the_rule_written_out_per_layer(k, tmp_path):
+    w0, runs = stock_runs(k)
+    torch.save({"state_dict": runs[0], "epoch": 1}, tmp_path / "run0.ckpt")  # a Lightning-style checkpoint
+    torch.save(w0, tmp_path / "w0.pt")
+    stock = model_stock([tmp_path / "run0.ckpt", *runs[1:]], tmp_path / "w0.pt")
+    for name in ("a", "b"):
+        d = [(r[name] - w0[name]).flatten().double() for r in runs]
+        cosines = [float(d[i] @ d[j]) / math.sqrt(float(d[i] @ d[i]) * float(d[j] @ d[j]))
+                   for i in range(k) for j in range(i + 1, k)]
+        cos = sum(cosines) / len(cosines)
+        t = min(1.0, max(0.0, k * cos / (1 + (k - 1) * cos))) if cos > 0 else 0.0
+        assert 0 < t < 1  # the check can tell t from the plain mean and from w0
+        expected = t * sum(r[name] for r in runs) / k + (1 - t) * w0[name]
+        assert stock.cosine[name] == pytest.approx(cos) and stock.ratio[name] == pytest.approx(t)
+        torch.testing.assert_close(stock.state_dict[name], expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(stock.state_dict["frozen"], w0["frozen"]) and stock.state_dict["n"].item() == 7
+
+
+def test_model_stock_clamps_opposite_updates_to_w0():
+    w0 = {"w": torch.ones(2)}
+    runs = [{"w": torch.tensor([1.5, 1.0])}, {"w": torch.tensor([0.5, 1.0])}]  # cos = -1: t = 0
+    stock = model_stock(runs, w0)
+    assert stock.ratio["w"] == 0.0 and torch.equal(stock.state_dict["w"], w0["w"])
+    parallel = model_stock([{"w": torch.tensor([1.5, 1.0])}, {"w": torch.tensor([2.0, 1.0])}], w0)
+    assert parallel.ratio["w"] == 1.0  # cos = 1: the plain mean
+    torch.testing.assert_close(parallel.state_dict["w"], torch.tensor([1.75, 1.0]))
+
+
+def test_model_stock_refuses_runs_from_another_start(tmp_path):
+    w0, runs = stock_runs(2)
+    other, _ = stock_runs(2, seed=5)
+    with pytest.raises(ValueError, match="did not start from them"):
+        model_stock(runs, other)  # every weight differs by about sqrt(2)·‖w0‖
+    moved = {**w0, "frozen": w0["frozen"] + 0.01}  # close, but the runs' shared frozen entry disagrees
+    with pytest.raises(ValueError, match="'frozen' and the pre-trained state another value"):
+        model_stock(runs, moved)
+    with pytest.raises(ValueError, match="the runs are identical"):
+        model_stock([runs[0], runs[0]], w0)
+    with pytest.raises(ValueError, match="at least two"):
+        model_stock(runs[:1], w0)
+    with pytest.raises(KeyError, match="other entries"):
+        model_stock([runs[0], {k: v for k, v in runs[1].items() if k != "b"}], w0)
+    with pytest.raises(ValueError, match="shape"):
+        model_stock([runs[0], {**runs[1], "b": torch.zeros(6)}], w0)
+    with pytest.raises(ValueError, match="max_relative_update"):
+        model_stock(runs, w0, max_relative_update=0)
+
+
+class Opaque:  # any pickled object: refused unless trusted
+    pass
+
+
+def test_model_stock_reads_files_weights_only(tmp_path):
+    w0, runs = stock_runs(2)
+
+    torch.save({"state_dict": runs[0], "extra": Opaque()}, tmp_path / "run0.ckpt")
+    with pytest.raises(Exception, match="trusted=True"):
+        model_stock([tmp_path / "run0.ckpt", runs[1]], w0)
+    assert "a" in model_stock([tmp_path / "run0.ckpt", runs[1]], w0, trusted=True).state_dict

@@ -6,14 +6,12 @@ import copy
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_transfer import L2SP, WiSEFT
 from lightning_transfer.functional.interpolation import interpolate, uniform_soup
@@ -210,9 +208,6 @@ def test_setup_errors_come_before_training():
     assert all(torch.equal(before[k], v) for k, v in params_of(model).items())
     with pytest.raises(Exception, match="Unknown head"):
         quiet_trainer(max_epochs=1, callbacks=[WiSEFT(head="nope")]).fit(TinyClassifier())
-    trainer = types.SimpleNamespace(strategy=ModelParallelStrategy.__new__(ModelParallelStrategy))
-    with pytest.raises(ValueError, match="WiSEFT does not support sharded training"):
-        WiSEFT().setup(trainer, TinyClassifier(), "fit")
 
 
 # ---------------------------------------------------------------- with Lightning's weight averaging

@@ -5,6 +5,7 @@ from lightning_transfer.callbacks.dtnh import DTNH
 from lightning_transfer.callbacks.feature_map import FeatureMapRegularization
 from lightning_transfer.callbacks.freeze import FreezeSchedule
 from lightning_transfer.callbacks.l2sp import L2SP
+from lightning_transfer.callbacks.lines import LiNeS
 from lightning_transfer.callbacks.mei import MaxEntropyHeadInit
 from lightning_transfer.callbacks.rifle import RIFLE
 from lightning_transfer.callbacks.similarity import RepresentationSimilarity
@@ -17,6 +18,7 @@ __all__ = [
     "FreezeSchedule",
     "GradientRegularizer",
     "L2SP",
+    "LiNeS",
     "MaxEntropyHeadInit",
     "RepresentationSimilarity",
     "WiSEFT",

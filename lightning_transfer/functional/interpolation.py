@@ -1,4 +1,5 @@
-"""Weight-space ensembling: linear interpolation between two models and uniform averages (soups).
+"""Weight-space ensembling: linear interpolation between two models (WiSE-FT), updates scaled per entry (LiNeS:
+by depth) and uniform averages (soups).
 
 Pure functions over state dicts (``name -> tensor``). Floating-point tensors are combined; integer
 tensors (BatchNorm's ``num_batches_tracked``) are not averages of anything and are taken from the
@@ -21,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["check_low_rank_start", "interpolate", "uniform_soup"]
+__all__ = ["check_low_rank_start", "interpolate", "lines", "lines_scales", "scale_updates", "uniform_soup"]
 
 LowRank = Sequence[tuple[str, str]]
 
@@ -87,28 +88,119 @@ def interpolate(
     """
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
         raise ValueError(f"interpolate: alpha must be a number in [0, 1], got {alpha!r}.")
+    return _scaled(w0, w_ft, {n: float(alpha) for n in w0}, missing, low_rank, "interpolate")
+
+
+def scale_updates(
+    w0: Mapping[str, Tensor],
+    w_ft: Mapping[str, Tensor],
+    scales: Mapping[str, float],
+    missing: Literal["finetuned", "error"] = "finetuned",
+    low_rank: LowRank = (),
+) -> dict[str, Tensor]:
+    """``w0 + s·(w_ft − w0)`` with a coefficient ``s = scales[name]`` per entry (``s >= 0``; above 1 extrapolates).
+
+    :func:`interpolate` is the case of one ``s`` for every entry; LiNeS (:func:`lines`) sets ``s`` by depth.
+    Every entry of ``w0`` needs a coefficient; entries of ``w_ft`` without a pre-trained value, integer entries
+    and ``low_rank`` factors are treated as in :func:`interpolate` (``B ← s·B_ft`` with ``s`` of ``B``'s name).
+
+    Example::
+
+        >>> out = scale_updates({"a": torch.zeros(1), "b": torch.zeros(1)}, {"a": torch.ones(1), "b": torch.ones(1)},
+        ...                     {"a": 0.25, "b": 1.0})
+        >>> out["a"].tolist(), out["b"].tolist()
+        ([0.25], [1.0])
+    """
+    bad = {n: s for n, s in scales.items()
+           if isinstance(s, bool) or not isinstance(s, Real) or not math.isfinite(s) or s < 0}
+    if bad:
+        raise ValueError(f"scale_updates: coefficients must be finite numbers >= 0, got {dict(list(bad.items())[:3])}.")
+    lacking = [n for n in w0 if n not in scales]
+    if lacking:
+        raise KeyError(f"scale_updates: no coefficient for {lacking[:5]}; give one for every entry of w0.")
+    return _scaled(w0, w_ft, scales, missing, low_rank, "scale_updates")
+
+
+def lines_scales(depths: Mapping[str, int], num_blocks: int, alpha: float, beta: float | None = None) -> dict[str, float]:
+    """LiNeS coefficients (Wang et al., ICLR 2025): ``α + β·l/(L − 1)`` for an entry in block ``l`` of ``L``.
+
+    Blocks count from 0 (the first block gets ``α``, the last ``α + β``). ``beta=None`` means ``β = 1 − α``:
+    the last block keeps its whole update (the paper's single-task setting). One block (``L = 1``) gets ``α``.
+
+    Example::
+
+        >>> lines_scales({"stem": 0, "mid": 1, "top": 2}, 3, 0.5)
+        {'stem': 0.5, 'mid': 0.75, 'top': 1.0}
+    """
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if value is None and name == "beta":
+            continue
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"lines_scales: {name} must be a finite number >= 0, got {value!r}.")
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"lines_scales: num_blocks must be an int >= 1, got {num_blocks!r}.")
+    outside = {n: d for n, d in depths.items() if not isinstance(d, int) or not 0 <= d < num_blocks}
+    if outside:
+        raise ValueError(f"lines_scales: depths must be block indices in [0, {num_blocks - 1}], got "
+                         f"{dict(list(outside.items())[:3])}.")
+    b = 1.0 - float(alpha) if beta is None else float(beta)
+    return {n: float(alpha) + (b * d / (num_blocks - 1) if num_blocks > 1 else 0.0) for n, d in depths.items()}
+
+
+def lines(
+    w0: Mapping[str, Tensor],
+    w_ft: Mapping[str, Tensor],
+    depths: Mapping[str, int],
+    num_blocks: int,
+    alpha: float,
+    beta: float | None = None,
+    low_rank: LowRank = (),
+) -> dict[str, Tensor]:
+    """LiNeS: ``w0 + (α + β·l/(L − 1))·(w_ft − w0)`` for every entry of ``w0`` in block ``l`` of ``L``.
+
+    ``depths``: the block index of every entry of ``w0``; entries of ``w_ft`` without a pre-trained value (a new
+    head) keep their fine-tuned values. See :func:`lines_scales` (``beta=None``: ``β = 1 − α``) and
+    :func:`scale_updates`.
+
+    Example::
+
+        >>> w = lines({"s": torch.zeros(1), "t": torch.zeros(1)}, {"s": torch.ones(1), "t": torch.ones(1),
+        ...           "head": torch.ones(1)}, {"s": 0, "t": 1}, 2, 0.5)
+        >>> w["s"].tolist(), w["t"].tolist(), w["head"].tolist()
+        ([0.5], [1.0], [1.0])
+    """
+    lacking = [n for n in w0 if n not in depths]
+    if lacking:
+        raise KeyError(f"lines: no block index for {lacking[:5]}; give the depth of every entry of w0.")
+    return scale_updates(w0, w_ft, lines_scales({n: depths[n] for n in w0}, num_blocks, alpha, beta),
+                         low_rank=low_rank)
+
+
+def _scaled(w0: Mapping[str, Tensor], w_ft: Mapping[str, Tensor], scales: Mapping[str, float], missing: str,
+            low_rank: LowRank, what: str) -> dict[str, Tensor]:
     if missing not in ("finetuned", "error"):
-        raise ValueError(f"interpolate: missing must be 'finetuned' or 'error', got {missing!r}.")
+        raise ValueError(f"{what}: missing must be 'finetuned' or 'error', got {missing!r}.")
     extra = [n for n in w0 if n not in w_ft]
     if extra:
-        raise KeyError(f"interpolate: w0 has entries the fine-tuned state lacks: {extra[:5]}; pass states of one model.")
+        raise KeyError(f"{what}: w0 has entries the fine-tuned state lacks: {extra[:5]}; pass states of one model.")
     absent = [n for n in w_ft if n not in w0]
     if absent and missing == "error":
-        raise KeyError(f"interpolate: no pre-trained value for {absent[:5]} (a new head?); pass missing='finetuned' "
+        raise KeyError(f"{what}: no pre-trained value for {absent[:5]} (a new head?); pass missing='finetuned' "
                        "to keep their fine-tuned values.")
     check_low_rank_start(w0, low_rank)
-    factors = {n: kind for pair in low_rank if all(n in w0 and n in w_ft for n in pair)
-               for n, kind in zip(pair, "AB")}
+    factors = {n: (kind, b_name) for a_name, b_name in low_rank if all(n in w0 and n in w_ft for n in (a_name, b_name))
+               for n, kind in zip((a_name, b_name), "AB")}
     out = {}
     for name, ft in w_ft.items():
-        if name in factors:  # LoRA: A_ft and α·B_ft, the interpolation of s·B@A from B0@A0 = 0
-            out[name] = ft.clone() if factors[name] == "A" else ft * float(alpha)
+        if name in factors:  # LoRA: A_ft and s·B_ft, the scaled update s·B@A from B0@A0 = 0
+            kind, b_name = factors[name]
+            out[name] = ft.clone() if kind == "A" else ft * float(scales[b_name])
             continue
         if name not in w0 or not ft.is_floating_point():
             out[name] = ft.clone()
             continue
-        _check_pair(name, w0[name], ft, "interpolate")
-        out[name] = torch.lerp(w0[name].to(device=ft.device, dtype=ft.dtype), ft, float(alpha))
+        _check_pair(name, w0[name], ft, what)
+        out[name] = torch.lerp(w0[name].to(device=ft.device, dtype=ft.dtype), ft, float(scales[name]))
     return out
 
 

@@ -17,6 +17,7 @@ from lightning_transfer import (
     AnatomyError,
     FeatureMapRegularization,
     FreezeSchedule,
+    LiNeS,
     MaxEntropyHeadInit,
     RepresentationSimilarity,
     WiSEFT,
@@ -124,6 +125,16 @@ REGISTRY: dict[str, Entry] = {
         yaml=[{"class_path": "lightning_transfer.WiSEFT", "init_args": {"alphas": [0.0, 0.5, 1.0], "select": "best"}}],
         bad=[(lambda: [WiSEFT(head="nope")], AnatomyError, "Unknown head"),
              (lambda: [WiSEFT(alphas=[0.5, 1.5])], ValueError, "alphas")],
+    ),
+    # One candidate a = 0.5 and the slope b = 0.5 (coefficients 0.5 ... 1 by depth): every column checks the depth
+    # scaling itself, never a choice between candidates that bf16 or compile could flip on 32 validation examples
+    # (the choice is checked in tests/test_lines.py, and under FSDP2 by "L2SP+LiNeS").
+    "LiNeS": Entry(
+        make=lambda m: [LiNeS(alphas=[0.5], beta=0.5, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.LiNeS", "init_args": {"alphas": [0.0, 0.5, 1.0], "beta": 0.5}}],
+        bad=[(lambda: [LiNeS(head="nope")], AnatomyError, "Unknown head"),
+             (lambda: [LiNeS(blocks=["backbone.9"])], AnatomyError, "match no parameter"),
+             (lambda: [LiNeS(beta=-0.5)], ValueError, "beta")],
     ),
 }
 
@@ -234,6 +245,11 @@ COMBINATIONS: dict[str, Entry] = {
         make=lambda m: [L2SP(alpha=1.0, beta=0.1, head=m.head), WiSEFT(alphas=[0.0, 0.5, 1.0], head=m.head)],
         yaml=[{"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.1}},
               {"class_path": "lightning_transfer.WiSEFT", "init_args": {"alphas": [0.0, 0.5, 1.0]}}],
+    ),
+    "L2SP+LiNeS": Entry(  # LiNeS after L2SP: its depth scaling toward L2SP's anchors (one copy of w0)
+        make=lambda m: [L2SP(alpha=1.0, beta=0.1, head=m.head), LiNeS(alphas=[0.0, 0.5, 1.0], head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.1}},
+              {"class_path": "lightning_transfer.LiNeS", "init_args": {"alphas": [0.0, 0.5, 1.0]}}],
     ),
     "FreezeSchedule+RepresentationSimilarity": Entry(
         make=lambda m: [FreezeSchedule(milestones={0: 2, 2: 0}, head=m.head),

@@ -4,7 +4,7 @@
 
 For each entry, rank 0 writes ``OUT/<NAME>.pt``: the full parameters after an uninterrupted sharded run
 (``p.full_tensor()``), plus, per L2SP callback, the numel of this rank's anchors and of the anchored
-parameters. With ``--resume`` it also writes ``OUT/<NAME>-resumed.pt``: a run interrupted at
+parameters (per WiSEFT or LiNeS callback, the same of its own copies of ``w0``). With ``--resume`` it also writes ``OUT/<NAME>-resumed.pt``: a run interrupted at
 ``max_epochs // 2`` and resumed from its distributed checkpoint into a model initialized differently.
 All entries run in one launch (process start-up dominates a tiny fit). A name prefixed with ``!`` is
 expected to fail at setup: ``OUT/<NAME>.pt`` then holds the error message and the steps that ran.
@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from lightning_transfer import DTNH, L2SP, FreezeSchedule, MaxEntropyHeadInit  # noqa: E402
+from lightning_transfer.callbacks.weight_space import WeightSpaceSelection  # noqa: E402
 from lightning_transfer.functional import save_fisher  # noqa: E402
 from lightning_transfer.functional.sharding import fully_shard_linears  # noqa: E402
 from tests.contract.multiprocess import finish  # noqa: E402
@@ -140,8 +141,12 @@ def run_rejected(folder: Path, name: str, entry: Entry) -> Trainer:
 def run(folder: Path, name: str, entry: Entry, resume: bool) -> Trainer:
     trainer, model = _fit(entry)
     trainer.fit(model)
-    result = {"params": _full(model), "anchors": [], "metrics": _metrics(trainer)}
+    result = {"params": _full(model), "anchors": [], "w0": [], "metrics": _metrics(trainer)}
     for cb in trainer.callbacks:
+        if isinstance(cb, WeightSpaceSelection):  # WiSEFT, LiNeS: their own copies of w0
+            result["w0"].append({"local": sum(t.numel() for t in cb._own.values()),
+                                 "full": sum(cb._params[n].numel() for n in cb._own),
+                                 "types": sorted({type(t).__name__ for t in cb._own.values()})})
         if isinstance(cb, L2SP):
             result["anchors"].append({"local": sum(a.numel() for a in cb._anchors),
                                       "full": sum(p.numel() for p in cb._params),

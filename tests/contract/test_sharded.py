@@ -2,7 +2,8 @@
 
 Every callback entry of the registry, and every combination of supported callbacks, trains to the same
 full parameters as a single-process run on the same global batches, and a run resumed from its
-distributed checkpoint ends equal to the uninterrupted one. Callbacks that need a full reference copy
+distributed checkpoint ends equal to the uninterrupted one (WiSEFT and LiNeS: the same curve, the same
+chosen ``a``, the same final parameters). Callbacks that need a full reference copy
 of the model (FeatureMapRegularization, RepresentationSimilarity) are rejected at setup; FSDP1 and
 DeepSpeed are rejected for every callback by the one shared strategy check.
 
@@ -27,6 +28,7 @@ from lightning_transfer import (
     RIFLE,
     FeatureMapRegularization,
     FreezeSchedule,
+    LiNeS,
     MaxEntropyHeadInit,
     RepresentationSimilarity,
     WiSEFT,
@@ -38,7 +40,7 @@ from tests.contract.sharded_run import entries, extra_entries, reference
 from tests.helpers import TinyClassifier, assert_params_close
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-UNSHARDED = (FeatureMapRegularization, RepresentationSimilarity, WiSEFT)  # need full copies of the model or w0
+UNSHARDED = (FeatureMapRegularization, RepresentationSimilarity)  # need full reference copies of the model
 
 
 def _supported(name: str) -> bool:
@@ -97,6 +99,21 @@ def test_l2sp_anchor_memory_per_rank_is_one_over_n(sharded):
 
 
 @pytest.mark.slow
+def test_fsdp2_weight_space_selection_keeps_local_w0_and_chooses_as_one_process(sharded):
+    """WiSEFT, LiNeS: w0 held as local shards (1/N), and the curve and the chosen a of the single-process run."""
+    out, results = sharded
+    names = [n for n in NAMES if any(isinstance(cb, (WiSEFT, LiNeS)) for cb in entries(out)[n].make(Model()))]
+    assert {"WiSEFT", "LiNeS", "L2SP+WiSEFT", "L2SP+LiNeS"} <= set(names)
+    for name in names:
+        prefix = "lines" if "LiNeS" in name else "wise_ft"
+        _, metrics = reference(entries(out)[name])
+        assert results[name]["metrics"][f"{prefix}/best_alpha"] == metrics[f"{prefix}/best_alpha"], name
+        for copy in results[name]["w0"]:
+            assert copy["types"] in ([], ["Tensor"]) and copy["local"] * 2 == copy["full"], name
+    assert any(copy["full"] > 0 for n in names for copy in results[n]["w0"])  # some copy was measured
+
+
+@pytest.mark.slow
 def test_fsdp2_user_frozen_parameter_is_never_thawed(sharded):
     _, results = sharded
     start = dict(TinyClassifier(norm=False).named_parameters())
@@ -134,7 +151,7 @@ def test_callbacks_needing_a_reference_copy_are_rejected_under_fsdp2(name):
 ALL_CALLBACKS = [
     lambda: L2SP(), lambda: DTNH(), lambda: MaxEntropyHeadInit(), lambda: RIFLE(points=[1]),
     lambda: FreezeSchedule(depth=1), lambda: FeatureMapRegularization(["backbone.0"]),
-    lambda: RepresentationSimilarity(), lambda: WiSEFT(),
+    lambda: RepresentationSimilarity(), lambda: WiSEFT(), lambda: LiNeS(),
 ]
 
 

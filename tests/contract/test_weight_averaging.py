@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
-from lightning_transfer import WiSEFT
+from lightning_transfer import LiNeS, WiSEFT
 from tests.contract.registry import REGISTRY, Model
 from tests.helpers import TinyClassifier, assert_params_close, params_of, quiet_trainer
 
@@ -71,11 +71,16 @@ def test_weight_averaging_first_or_last_gives_the_same_model(name):
 
     average = hand_ema(first_steps, DECAY)
     assert any(not torch.allclose(average[k], first_steps[-1][k]) for k in average)  # the average is not w_ft
-    wise = next((cb for cb in first_callbacks if isinstance(cb, WiSEFT)), None)
+    wise = next((cb for cb in first_callbacks if isinstance(cb, (WiSEFT, LiNeS))), None)
     if wise is None:
         expected = average
-    else:  # interpolation toward the average; the head keeps its (averaged) fine-tuned value
+    else:  # interpolation (LiNeS: depth-scaled) toward the average; the head keeps its (averaged) fine-tuned value
         a = wise.best_alpha
-        expected = {k: v if k.startswith("head.") else (1 - a) * start[k] + a * v for k, v in average.items()}
+        if isinstance(wise, LiNeS):  # TinyClassifier's blocks backbone.0, backbone.1: a + b·l/(2 − 1)
+            slope = 1 - a if wise.beta is None else wise.beta
+            scale = {k: a + slope * int(k.split(".")[1]) for k in average if k.startswith("backbone.")}
+        else:
+            scale = {k: a for k in average if not k.startswith("head.")}
+        expected = {k: start[k] + scale[k] * (v - start[k]) if k in scale else v for k, v in average.items()}
     assert_params_close(first, expected, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(start[k], first[k]) for k in start)
