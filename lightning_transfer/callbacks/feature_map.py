@@ -231,11 +231,28 @@ class FeatureMapRegularization(GradientRegularizer):
         ]
         for full in self.layers:
             name = relative_name(full, root_name)
-            self._handles.append(root.get_submodule(name).register_forward_hook(self._store(self._live, full)))
+            self._handles.append(root.get_submodule(name).register_forward_hook(self._capture(full)))
             self._handles.append(self._reference.get_submodule(name).register_forward_hook(self._store(self._ref, full)))
         recompile(pl_module)  # a compiled model's cached graphs run without hooks added after them
         self._capturing = False
         self._inputs: tuple[tuple, dict] | None = None
+
+    def _capture(self, name: str):
+        """The live layer's hook: keeps its output during a capturing forward of root only, so a forward that
+        activation checkpointing re-runs inside backward (the hooks fire again) is not counted again."""
+        def hook(module, args, output):
+            if not self._capturing:
+                return
+            if not torch.is_grad_enabled():  # root runs with autograd on, this layer without: reentrant checkpointing
+                raise RuntimeError(
+                    f"{OWNER}: layer {name!r} ran without autograd inside a forward of root that has it, as inside "
+                    "torch.utils.checkpoint(..., use_reentrant=True): its output carries no graph, so the penalty "
+                    "would silently have no gradient there. Use use_reentrant=False (Hugging Face: "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), "
+                    "its default), or leave the regularized layers outside the checkpointed blocks.")
+            self._live[name] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
 
     @staticmethod
     def _store(into: dict[str, Tensor], name: str):

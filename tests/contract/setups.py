@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tests.helpers import make_data
 
 SETUPS = ["fit_loaders", "datamodule", "dict_batches", "model_output", "teacher", "two_optimizers", "user_frozen",
-          "odd_accumulation"]
+          "odd_accumulation", "checkpointed"]
 # Parameters the user froze in the "user_frozen" set-up (a whole block, as a user freezing layer3 would).
 USER_FROZEN = "net.backbone.0.0"
 
@@ -34,9 +35,14 @@ class Net(nn.Module):
             nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
         )
         self.head = nn.Linear(32, classes)
+        self.checkpointed = False  # the "checkpointed" set-up: block 1 recomputed in backward (activation checkpointing)
 
     def forward(self, x):
-        return self.head(self.backbone(x))
+        if not (self.checkpointed and self.training):
+            return self.head(self.backbone(x))
+        # (block 0's BatchNorm would update its running statistics again when recomputed: not checkpointed)
+        x = torch.utils.checkpoint.checkpoint(self.backbone[1], self.backbone[0](x), use_reentrant=False)
+        return self.head(x)
 
 
 class _DictData(Dataset):
@@ -74,6 +80,7 @@ class SetupModule(LightningModule):
             self.get_submodule(USER_FROZEN).requires_grad_(False)
         if setup == "two_optimizers":
             self.automatic_optimization = False
+        self.net.checkpointed = setup == "checkpointed"
 
     def forward(self, features):
         logits = self.net(features)

@@ -1,7 +1,7 @@
 """The set-up column of the contract: every callback, in the set-ups users bring (see setups.SETUPS).
 
 A set-up that only changes how data arrives or how the model is written (loaders passed to ``fit``, a
-DataModule, dict batches, a ModelOutput, a frozen teacher beside the student, two optimizers) must give
+DataModule, dict batches, a ModelOutput, a frozen teacher beside the student, two optimizers, activation checkpointing of a block) must give
 exactly the parameters of the plain set-up. A user's own frozen parameters must stay untouched and
 frozen. An accumulation window that does not divide the epoch must survive a resume.
 """
