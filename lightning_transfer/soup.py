@@ -194,9 +194,10 @@ def model_stock(
 
     For every floating-point entry (each weight tensor is a layer) with updates ``d_i = w_i − w0``:
     ``cos`` is the mean over pairs ``i < j`` of the cosine of ``d_i`` and ``d_j`` (the paper's angle for ``k = 2``;
-    for ``k > 2`` it is silent and the mean pairwise cosine is our choice), ``t = k·cos / (1 + (k − 1)·cos)``
-    clamped to ``[0, 1]`` (``cos <= 0``, or a run whose update is zero, gives ``t = 0``: the pre-trained
-    value), and ``w = t·mean(w_i) + (1 − t)·w0``. Integer entries come from ``w0``. BatchNorm running
+    its formula for ``k`` runs takes one angle for every pair, and for ``k > 2`` the mean pairwise cosine is our
+    choice), ``t = k·cos / (1 + (k − 1)·cos)`` clamped to ``[0, 1]`` (``cos <= 0`` gives ``t = 0``: the
+    pre-trained value; a pair in which one update is zero counts ``cos = 0``, so for ``k = 2`` such an entry
+    stays at ``w0``), and ``w = t·mean(w_i) + (1 − t)·w0``. Integer entries come from ``w0``. BatchNorm running
     statistics are merged like weights: re-estimate them on training data before use
     (:func:`~lightning_transfer.batchnorm.reestimate_batchnorm`), as :func:`greedy_soup` does. The math is
     :func:`~lightning_transfer.functional.model_stock.model_stock_merge`.

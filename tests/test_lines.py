@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_transfer import L2SP, LiNeS, WiSEFT
+from lightning_transfer import L2SP, FreezeSchedule, LiNeS, WiSEFT
 from lightning_transfer.functional.interpolation import interpolate, lines, lines_scales, scale_updates
 from tests.helpers import TinyClassifier, make_data, params_of, quiet_trainer
 
@@ -149,3 +149,15 @@ def test_explicit_blocks_set_the_depths():
     quiet_trainer(max_epochs=1, callbacks=[cb]).fit(TinyClassifier())
     assert cb.num_blocks == 2 and cb.depths["backbone.0.0.weight"] == 0 and cb.depths["backbone.1.0.weight"] == 1
     assert cb.depths["backbone.0.1.weight"] == 1 and "head.weight" not in cb.depths
+
+
+def test_a_transferred_parameter_outside_the_listed_blocks_fails_at_fit_start():
+    """FreezeSchedule freezes backbone.0 at setup, so the anatomy accepts blocks that leave it out; it thaws
+    later, so LiNeS keeps its w0 and needs its depth: refused before the first step, not when training ends."""
+    model = TinyClassifier()
+    before = params_of(model)
+    callbacks = [FreezeSchedule(milestones={0: 1, 1: 0}, blocks=["backbone.0", "backbone.1"]),
+                 LiNeS(blocks=["backbone.1"])]
+    with pytest.raises(ValueError, match="belong to no block"):
+        quiet_trainer(max_epochs=2, callbacks=callbacks).fit(model)
+    assert all(torch.equal(before[k], v) for k, v in params_of(model).items())

@@ -160,6 +160,20 @@ def test_model_stock_clamps_opposite_updates_to_w0():
     torch.testing.assert_close(parallel.state_dict["w"], torch.tensor([1.75, 1.0]))
 
 
+def test_model_stock_counts_a_zero_update_as_cosine_zero():
+    w0 = {"w": torch.ones(2), "v": torch.zeros(2)}
+    runs = [{"w": torch.tensor([2.0, 1.0]), "v": torch.tensor([1.0, 0.0])},
+            {"w": torch.tensor([3.0, 1.0]), "v": torch.tensor([0.0, 1.0])},
+            {"w": torch.ones(2), "v": torch.tensor([1.0, 1.0])}]  # run 2 leaves w at w0
+    stock = model_stock(runs, w0, max_relative_update=float("inf"))
+    assert stock.cosine["w"] == pytest.approx(1 / 3)  # pairs (0, 1): 1, (0, 2) and (1, 2): 0
+    t = 3 * (1 / 3) / (1 + 2 * (1 / 3))
+    assert stock.ratio["w"] == pytest.approx(t)
+    torch.testing.assert_close(stock.state_dict["w"], t * torch.tensor([2.0, 1.0]) + (1 - t) * w0["w"])
+    two = model_stock(runs[1:], w0, max_relative_update=float("inf"))  # k = 2 with a zero update: w0
+    assert two.ratio["w"] == 0.0 and torch.equal(two.state_dict["w"], w0["w"])
+
+
 def test_model_stock_refuses_runs_from_another_start(tmp_path):
     w0, runs = stock_runs(2)
     other, _ = stock_runs(2, seed=5)

@@ -105,6 +105,10 @@ class LiNeS(WeightSpaceSelection):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._find_depths(pl_module)  # the parameters as fit sees them (after configure_model)
         super().on_fit_start(trainer, pl_module)
+        outside = [n for n in self._params if n not in self.depths]  # fail now, not when training ends
+        if outside:
+            raise ValueError(f"LiNeS: {outside[:5]} belong to no block, so their depth is unknown: list a block "
+                             "that covers them in blocks=, or leave blocks unset to use the detected ones.")
 
     def _candidate(self, w0: Mapping[str, Tensor], w_ft: Mapping[str, Tensor], a: float) -> dict[str, Tensor]:
         return lines(w0, w_ft, self.depths, self.num_blocks, a, self.beta, low_rank=self._low_rank)

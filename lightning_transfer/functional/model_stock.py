@@ -71,42 +71,49 @@ def model_stock_merge(
             if s[name].shape != t.shape:
                 raise ValueError(f"model_stock: {name!r} has shape {tuple(s[name].shape)} in run {i} and "
                                  f"{tuple(t.shape)} in the pre-trained state; pass states of one architecture.")
-    floats = [n for n, t in w0.items() if t.is_floating_point()]
-    base = {n: w0[n].detach().to(torch.float64) for n in floats}
-    runs = [{n: s[n].detach().to(device=base[n].device, dtype=torch.float64) for n in floats} for s in states]
-    _check_common_start(runs, base, max_relative_update)
+    # one entry at a time in float64 (never a float64 copy of every run: the peak is one layer's k + 1 copies)
     merged, ratio, cosine = {}, {}, {}
+    size, moved, identical, agreed = 0.0, [0.0] * k, True, []  # what the start checks need
     for name, t in w0.items():
-        if name not in base:
+        if not t.is_floating_point():
             merged[name] = t.clone()
             continue
-        cos = _mean_pairwise_cosine([r[name] - base[name] for r in runs])
+        base = t.detach().to(torch.float64)
+        runs = [s[name].detach().to(device=base.device, dtype=torch.float64) for s in states]
+        same = all(torch.equal(r, runs[0]) for r in runs[1:])
+        identical = identical and same
+        if same and not torch.equal(runs[0], base):
+            agreed.append(name)
+        updates = [r - base for r in runs]
+        size += float(base.square().sum())
+        moved = [m + float(d.square().sum()) for m, d in zip(moved, updates)]
+        cos = _mean_pairwise_cosine(updates)
         ratio[name], cosine[name] = model_stock_ratio(cos, k), cos
-        mean = sum(r[name] for r in runs) / k
-        merged[name] = (ratio[name] * mean + (1 - ratio[name]) * base[name]).to(t.dtype)
+        mean = sum(runs) / k
+        merged[name] = (ratio[name] * mean + (1 - ratio[name]) * base).to(t.dtype)
+    _check_common_start(identical, [math.sqrt(m) for m in moved], math.sqrt(size), agreed, max_relative_update)
     return merged, ratio, cosine
 
 
-def _check_common_start(runs: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor], limit: float) -> None:
-    if all(torch.equal(r[n], runs[0][n]) for r in runs[1:] for n in base):
+def _check_common_start(identical: bool, moved: Sequence[float], size: float, agreed: Sequence[str],
+                        limit: float) -> None:
+    """Refuse identical runs, a run farther than ``limit·‖w0‖`` from ``w0``, and an entry every run agrees on
+    that differs from ``w0`` (``agreed``)."""
+    if identical:
         raise ValueError("model_stock: the runs are identical; pass distinct fine-tuning runs (other seeds or data "
                          "orders) from the same pre-trained weights.")
-    size = math.sqrt(sum(float(t.square().sum()) for t in base.values()))
-    for i, run in enumerate(runs):
-        moved = math.sqrt(sum(float((run[n] - base[n]).square().sum()) for n in base))
-        if moved > limit * size:
+    for i, distance in enumerate(moved):
+        if distance > limit * size:
             raise ValueError(
-                f"model_stock: run {i} is {moved / max(size, 1e-30):.3g}·‖w0‖ away from the pre-trained weights "
-                f"(more than max_relative_update = {limit:g}): it did not start from them, and merging runs from "
-                "other starts collapses the model. Pass runs fine-tuned from this w0 (the same pre-trained "
+                f"model_stock: run {i} is {distance / max(size, 1e-30):.3g}·‖w0‖ away from the pre-trained "
+                f"weights (more than max_relative_update = {limit:g}): it did not start from them, and merging "
+                "runs from other starts collapses the model. Pass runs fine-tuned from this w0 (the same pre-trained "
                 "weights and the same head initialization), or raise max_relative_update if the runs did move "
                 "that far."
             )
-    for name, t in base.items():
-        first = runs[0][name]
-        if all(torch.equal(r[name], first) for r in runs[1:]) and not torch.equal(first, t):
-            raise ValueError(
-                f"model_stock: every run holds the same {name!r} and the pre-trained state another value: an entry "
-                "that did not train (a frozen layer, a buffer) shows the runs started elsewhere. Pass the "
-                "pre-trained state these runs were fine-tuned from."
-            )
+    if agreed:
+        raise ValueError(
+            f"model_stock: every run holds the same {agreed[0]!r} and the pre-trained state another value: an entry "
+            "that did not train (a frozen layer, a buffer) shows the runs started elsewhere. Pass the "
+            "pre-trained state these runs were fine-tuned from."
+        )
