@@ -41,15 +41,20 @@ from tuned_report import write_report  # noqa: E402
 from tuned_tasks import TASKS, Task  # noqa: E402
 
 from lightning_transfer import (  # noqa: E402
+    BSS,
     DTNH,
     L2SP,
     RIFLE,
+    SPD,
+    CoTuning,
     FeatureMapRegularization,
     FreezeSchedule,
     LiNeS,
     MaxEntropyHeadInit,
+    StochNorm,
 )
 from lightning_transfer.anatomy import final_linear, find_head  # noqa: E402
+from lightning_transfer.callbacks.co_tuning import PretrainedHead  # noqa: E402
 from lightning_transfer.functional.linear_probe import probe_accuracy, select_linear_probe  # noqa: E402
 from lightning_transfer.probe import head_features, linear_probe, set_head_from_probe_  # noqa: E402
 
@@ -84,6 +89,16 @@ def settings(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
         "best depth": knob("depth", task.depths, lambda d: [FreezeSchedule(depth=int(d), blocks=task.blocks)]),
         # LiNeS: the depth slope b (two values) x two learning rates; a is chosen on validation inside each run
         "LiNeS": knob("b", (0.5, 1.0), lambda b: [LiNeS(beta=b, blocks=task.blocks)]),
+        # StochNorm: the probability of running statistics (the paper's 0.5, and 0.3) x two learning rates
+        "StochNorm": knob("p", (0.3, 0.5), lambda p: [StochNorm(p=p, seed=0)]),
+        # Co-Tuning: lambda (tllib's 2.3, and 1) x two learning rates; the source head is Lite0's ImageNet head, so
+        # the tasks on EfficientNet-Lite0 only (B and C's source heads live in their source checkpoints: not wired)
+        **({"Co-Tuning": knob("lambda", (1.0, 2.3), lambda a: [CoTuning(PretrainedHead("efficientnet_lite0"), alpha=a)])}
+           if task.key in ("A", "quick") else {}),
+        # SPD: the strength lambda (two values) x two learning rates, no weight decay (SPD replaces it)
+        "SPD": knob("lambda", (0.5, 1.0), lambda v: [SPD(lam=v)], **no_wd),
+        # BSS: eta (the paper's 0.001, and 0.01) x two learning rates, k = 1
+        "BSS": knob("eta", (0.001, 0.01), lambda v: [BSS(eta=v, k=1)]),
         "from scratch": lrs(pretrained=False),
     }
 

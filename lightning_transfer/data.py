@@ -17,6 +17,7 @@ __all__ = [
     "ArrayDataModule",
     "ImageFolderDataModule",
     "SeededEpochSampler",
+    "few_shot_indices",
     "few_shot_splits",
     "stratified_split",
 ]
@@ -196,24 +197,26 @@ def _check_split_sizes(per_class: int, val_per_class: int, test_per_class: int) 
 
 
 def few_shot_splits(images: np.ndarray, labels: np.ndarray, hp) -> dict[str, Dataset]:
-    """Per class and by ``hp.seed``: test, validation, then ``per_class`` training images, disjoint;
-    the test split does not depend on ``per_class`` or ``val_per_class``."""
+    """Per class and by ``hp.seed``: test, validation, then ``per_class`` training images, disjoint
+    (:func:`few_shot_indices`), as datasets of ``hp.image_size`` images."""
+    return {split: _TensorImages(images[idx], labels[idx], hp.image_size)
+            for split, idx in few_shot_indices(labels, hp).items()}
+
+
+def few_shot_indices(labels: np.ndarray, hp) -> dict[str, np.ndarray]:
+    """Indices of the splits: per class and by ``hp.seed``, ``hp.test_per_class`` test, ``hp.val_per_class``
+    validation, then ``hp.per_class`` training examples, disjoint; the test split does not depend on
+    ``per_class`` or ``val_per_class``."""
     test, val, pool = stratified_split(labels, [hp.test_per_class, hp.val_per_class, None], hp.seed)
     smallest = int(np.bincount(labels[pool]).min())
     if hp.per_class > smallest:
         raise ValueError(
             f"per_class={hp.per_class} is larger than the data: the smallest class has {smallest} training "
-            f"images left after {hp.test_per_class} test and {hp.val_per_class} validation images per class. "
+            f"examples left after {hp.test_per_class} test and {hp.val_per_class} validation examples per class. "
             f"Use per_class <= {smallest}."
         )
     (train,) = stratified_split(labels[pool], [hp.per_class], hp.seed + 1)
-    train = pool[train]
-    size = hp.image_size
-    return {
-        "train": _TensorImages(images[train], labels[train], size),
-        "val": _TensorImages(images[val], labels[val], size),
-        "test": _TensorImages(images[test], labels[test], size),
-    }
+    return {"train": pool[train], "val": val, "test": test}
 
 
 class ArrayDataModule(_SplitDataModule):

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_transfer import DTNH, FeatureMapRegularization, RepresentationSimilarity
 from tests.contract.registry import FeaturePenaltyInLoss
-from tests.contract.transformer_models import FeaturePenaltyReference, FamilyData, build
+from tests.contract.transformer_models import FamilyData, FeaturePenaltyReference, build
 from tests.helpers import TinyClassifier, assert_params_close, params_of, quiet_trainer
 
 LAYERS = ("backbone.0.0", "backbone.1")  # a layer inside a checkpointed block, and a block's output
@@ -93,3 +93,33 @@ def test_similarity_is_the_same_with_checkpointing():
     assert got and got.keys() == want.keys()
     for key in got:
         torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]), msg=key)
+
+
+class AlwaysCheckpointed(CheckpointedBlocks):
+    """Blocks checkpointed in eval mode too (no ``self.training`` guard), as some user code does."""
+
+    def forward(self, x):
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=self.use_reentrant)
+        return x
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_rank_block_features_count_each_forward_once_under_checkpointing(use_reentrant):
+    from lightning_transfer.rank import block_features
+
+    plain = TinyClassifier(norm=False)
+    model = TinyClassifier(norm=False)
+    model.load_state_dict(plain.state_dict())
+    model.backbone = AlwaysCheckpointed(model.backbone, use_reentrant)
+    model.train()  # block_features switches to eval and back; checkpointing stays on in eval here
+    fires = []
+    model.backbone[1].register_forward_hook(lambda *_: fires.append(1))
+    loader = [(torch.randn(8, 16), torch.arange(8) % 4), (torch.randn(5, 16), torch.arange(5) % 4)]
+    got, y = block_features(model, loader)
+    want, y_plain = block_features(plain, loader)
+    assert len(fires) == len(loader)  # one firing per batch: no recomputation counted
+    assert got.keys() == want.keys() and all(f.shape[0] == 13 for f in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    assert torch.equal(y, y_plain) and model.training

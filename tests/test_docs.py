@@ -54,6 +54,8 @@ METHOD_PAGES = {
     "RepresentationSimilarity": "methods/similarity.md",
     "WiSEFT": "methods/wise-ft.md",
     "LiNeS": "methods/lines.md",
+    "StochNorm": "methods/stochnorm.md",
+    "CoTuning": "methods/co-tuning.md",
 }
 TOOL_PAGES = ["anatomy", "layer-decay", "linear-probe", "ranking", "depth-scan", "soups"]
 PAGES_WITH_EXAMPLES = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")

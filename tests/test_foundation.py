@@ -128,12 +128,13 @@ def test_cli_runs_the_quickstart_config(tmp_path):
 
 
 MODEL_CONFIGS = ("vit_timm.yaml", "hf_vit.yaml")  # backbones by name that download: tests/test_cli.py builds them offline
+MAIN_JOBS = ("text_minilm.yaml",)  # the second main job, a whole task of its own: tests/test_text.py runs it
 STRATEGY_CONFIGS = ("fsdp2.yaml",)  # a strategy, no method: tests/test_cli.py checks what it builds
 
 
 @pytest.mark.parametrize(
     "config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
-                     if p.name not in ("quickstart.yaml", "depth_scan.yaml", *MODEL_CONFIGS, *STRATEGY_CONFIGS))
+                     if p.name not in ("quickstart.yaml", "depth_scan.yaml", *MODEL_CONFIGS, *STRATEGY_CONFIGS, *MAIN_JOBS))
 )
 def test_every_method_config_builds_on_the_quickstart(config):
     cli = build_cli(["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(ROOT / "configs" / config)], run=False)

@@ -25,6 +25,7 @@ SMALL: dict[str, dict[str, object]] = {
     "03_dtnh.ipynb": {"EPOCHS": 2, "PER_CLASS": 3, "VAL_PER_CLASS": 3},
     "04_transformers.ipynb": {},  # its full budget runs in about 20 s
     "05_choose_and_ensemble.ipynb": {"EPOCHS": 1, "PER_CLASS": 3, "VAL_PER_CLASS": 3, "TEST_PER_CLASS": 3},
+    "06_text.ipynb": {"EPOCHS": 2, "PER_CLASS": 2, "VAL_PER_CLASS": 4, "MAX_LENGTH": 32},  # the real MiniLM
 }
 TIMEOUT = 600  # seconds per cell
 

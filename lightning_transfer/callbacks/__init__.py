@@ -1,6 +1,8 @@
 """The library's callbacks, one per module."""
 
 from lightning_transfer.callbacks.base import GradientRegularizer
+from lightning_transfer.callbacks.bss import BSS
+from lightning_transfer.callbacks.co_tuning import CoTuning
 from lightning_transfer.callbacks.dtnh import DTNH
 from lightning_transfer.callbacks.feature_map import FeatureMapRegularization
 from lightning_transfer.callbacks.freeze import FreezeSchedule
@@ -9,9 +11,14 @@ from lightning_transfer.callbacks.lines import LiNeS
 from lightning_transfer.callbacks.mei import MaxEntropyHeadInit
 from lightning_transfer.callbacks.rifle import RIFLE
 from lightning_transfer.callbacks.similarity import RepresentationSimilarity
+from lightning_transfer.callbacks.spd import SPD
+from lightning_transfer.callbacks.stoch_norm import StochNorm
 from lightning_transfer.callbacks.wise_ft import WiSEFT
 
 __all__ = [
+    "BSS",
+    "SPD",
+    "CoTuning",
     "DTNH",
     "RIFLE",
     "FeatureMapRegularization",
@@ -21,5 +28,6 @@ __all__ = [
     "LiNeS",
     "MaxEntropyHeadInit",
     "RepresentationSimilarity",
+    "StochNorm",
     "WiSEFT",
 ]

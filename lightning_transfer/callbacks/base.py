@@ -164,6 +164,16 @@ def carried_grad_scale(trainer: Trainer, optimizer: Optimizer | None = None) -> 
     return scale if scale is not None else torch.tensor(float(scaler.get_scale()))
 
 
+def loss_factor(trainer: Trainer) -> float | Tensor:
+    """What Lightning multiplies the loss by before backward: a GradScaler's scale ``S`` (a tensor, read without a
+    host synchronization) over ``k = accumulate_grad_batches`` (automatic optimization only). A penalty whose
+    gradient a hook adds inside the main backward (DELTA, BSS, Co-Tuning) is scaled by it, as in the loss."""
+    k = trainer.accumulate_grad_batches if trainer.lightning_module.automatic_optimization else 1
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
+    return 1.0 / k if scale is None else scale / k
+
+
 def is_logging_step(trainer: Trainer) -> bool:
     """Whether a value logged in this training step reaches the loggers (Lightning writes every
     ``log_every_n_steps``), or it is the first step (so that short runs have it in ``callback_metrics``):

@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_transfer.anatomy import find_head
 from lightning_transfer.batches import batch_inputs, batch_labels, call_model, logits_of, train_loader_of
 from lightning_transfer.batchnorm import batchnorm_state_kept
+from lightning_transfer.callbacks.base import loss_factor
 from lightning_transfer.compilation import eager, recompile
 from lightning_transfer.functional.co_tuning import (
     co_tuning_loss_and_feature_grad,
@@ -184,19 +185,10 @@ class CoTuning(Callback):
                                                       self.source_head)
         self._trainer.lightning_module.log("cotuning/loss", value, on_step=True, on_epoch=False)
         self._unfired += 1
-        add_gradient_hooks([features], [grad], self._loss_factor, self._on_fire)
+        add_gradient_hooks([features], [grad], lambda: loss_factor(self._trainer), self._on_fire)
 
     def _on_fire(self) -> None:
         self._unfired -= 1
-
-    def _loss_factor(self) -> float | Tensor:
-        """What Lightning multiplies the loss by before backward: the GradScaler's scale (a tensor, no host
-        synchronization) over ``accumulate_grad_batches`` (automatic optimization only)."""
-        trainer = self._trainer
-        k = trainer.accumulate_grad_batches if trainer.lightning_module.automatic_optimization else 1
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
-        return 1.0 / k if scale is None else scale / k
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -29,6 +30,7 @@ from lightning_transfer.functional.feature_maps import (
     gradient_reaches,
     resolve_channel_dim,
 )
+from lightning_transfer.functional.sharding import copy_full_, full_tensor, fully_shard_like
 from lightning_transfer.validation import check_int, check_number, check_strategy, check_strings
 
 __all__ = ["FeatureMapRegularization"]
@@ -64,6 +66,23 @@ def _check_layer_kind(pl_module: nn.Module, name: str, layer: nn.Module) -> None
         )
 
 
+def _is_fsdp2(trainer: Trainer) -> bool:
+    return "ModelParallelStrategy" in [cls.__name__ for cls in type(trainer.strategy).__mro__]
+
+
+def _unsharded_reference(root: nn.Module, pl_module: nn.Module) -> nn.Module:
+    """Under FSDP2: a copy of ``root`` taken at setup, before ``configure_model`` shards the model (a module
+    sharded with ``fully_shard`` cannot be copied: "FSDP does not support deepcopy")."""
+    if any(isinstance(m, FSDPModule) for m in pl_module.modules()):
+        raise ValueError(f"{OWNER}: the model is already sharded with fully_shard at setup, so no pre-trained "
+                         "reference can be copied from it. Shard it in LightningModule.configure_model instead.")
+    if any(t.is_meta for t in [*root.parameters(), *root.buffers()]):
+        raise ValueError(f"{OWNER}: the model has parameters on the meta device at setup (built in configure_model), "
+                         "so no pre-trained reference can be copied from it. Build the pre-trained model in "
+                         "__init__ and shard it in configure_model.")
+    return reference_copy(root)
+
+
 class FeatureMapRegularization(GradientRegularizer):
     """Penalize ``α/2·Σ_layers mean_batch ‖FM(w, x) − FM(w0, x)‖²`` on named layers (Li et al., DELTA).
 
@@ -85,6 +104,11 @@ class FeatureMapRegularization(GradientRegularizer):
     path it makes the step non-finite, as the penalty in the loss would). A micro-batch with no trainable
     parameter upstream of the layers is skipped and counted in ``delta/skipped``. A resume with changed
     ``alpha``/``attention`` keeps the checkpoint's reference.
+
+    FSDP2 (``ModelParallelStrategy``): the reference is copied at setup, before ``configure_model`` shards
+    the model, and ``fully_shard``-ed at fit start at the live root's FSDP units (1/N of it per rank; its
+    forward gathers unit by unit); the penalty's gradient enters the main backward only, so DTNH over it
+    is refused, and a model already sharded or on the meta device at setup is refused.
 
     Token models: when root receives an ``attention_mask`` (a keyword argument, an entry of a dict
     input, or the argument of that name), a ``(B, T, C)`` layer output counts the real tokens only:
@@ -166,6 +190,7 @@ class FeatureMapRegularization(GradientRegularizer):
         self.channel_dim = channel_dim
         self.channel_weights: list[Tensor] | None = None
         self._reference: nn.Module | None = None
+        self._sharded = False  # under ModelParallelStrategy (FSDP2): the reference is sharded as root is
         self._loaded: dict[str, Tensor] | None = None
         self._handles: list[Any] = []
         self._live: dict[str, Tensor] = {}
@@ -199,9 +224,9 @@ class FeatureMapRegularization(GradientRegularizer):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, OWNER, reason="it keeps a full, unsharded reference copy of the model to compute "
-                       "the pre-trained feature maps, and a sharded reference is not implemented")
+        check_strategy(trainer, OWNER, sharded=True)
         self.channel_weights, self._loaded = None, None  # a new fit (a resume restores them after setup)
+        self._reference, self._sharded = None, _is_fsdp2(trainer)
         for name in self.layers:
             _check_layer_kind(pl_module, name, resolve_module(pl_module, name, "layer"))
         root = self._root_name()
@@ -210,20 +235,33 @@ class FeatureMapRegularization(GradientRegularizer):
             outside = [n for n in self.layers if not relative_name(n, root)]
             if outside:
                 raise ValueError(f"layers {outside} are not inside root {root!r}; choose a root that contains all layers.")
+        if self._sharded and any(type(cb).__name__ == "DTNH" for cb in trainer.callbacks):
+            raise ValueError(
+                f"{OWNER} with DTNH does not support sharded training (ModelParallelStrategy / FSDP2): DTNH needs "
+                "DELTA's gradient apart from the task gradient, from a second autograd pass through the model, and "
+                "FSDP2's backward hooks reduce-scatter every backward into .grad (only the one-backward path is "
+                "sharded). Use FeatureMapRegularization alone under FSDP2, or DTNH with it on a single device or DDP.")
+        if self._sharded:  # Lightning calls setup before configure_model: copy root while it is whole
+            self._reference = _unsharded_reference(pl_module.get_submodule(root) if root else pl_module, pl_module)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer, self._pl_module = trainer, pl_module
         root_name = self._root_name()
         root = pl_module.get_submodule(root_name) if root_name else pl_module
-        self._reference = reference_copy(root).eval().requires_grad_(False)
+        if self._sharded:  # the copy taken at setup, sharded as root is: its forward gathers unit by unit
+            mesh = trainer.strategy.device_mesh["data_parallel"]
+            self._reference = fully_shard_like(self._reference, root, mesh).eval().requires_grad_(False)
+        else:
+            self._reference = reference_copy(root).eval().requires_grad_(False)
         if self._loaded is not None:  # resume: the reference is the model as it was when fit first started
-            self._reference.load_state_dict(self._loaded)
-            self._loaded = None
+            self._restore_reference()
         # all of root's parameters: those that require grad are taken at each forward (FreezeSchedule)
         self._root_params = list(root.parameters())
         self._accum, self._captures, self._captures_at, self._nonfinite, self._skipped = {}, 0, {}, 0, 0
         self._one_backward, self._pending, self._unfired, self._passes, self._passes_at = None, [], 0, 0, {}
+        if self._sharded:  # a separate autograd pass would run FSDP2's backward hooks: the one-backward path only
+            self._one_backward = True
         self._channel_dims = {}
         self._handles = [
             root.register_forward_pre_hook(self._on_root_input, with_kwargs=True),
@@ -303,6 +341,8 @@ class FeatureMapRegularization(GradientRegularizer):
         with torch.no_grad():
             self._ref.clear()
             self._reference(*ref_args, **ref_kwargs)
+            if self._sharded:  # FSDP2 keeps the root unit's parameters gathered after its forward
+                self._reference.reshard()
         live, ref = [self._live[n] for n in self.layers], [self._ref[n] for n in self.layers]
         self._live.clear()
         self._ref.clear()
@@ -322,7 +362,8 @@ class FeatureMapRegularization(GradientRegularizer):
         """One backward: a gradient hook on each live map adds ``S·∂P/∂F/k`` to the gradient flowing into it,
         which the main backward carries to every trainable parameter upstream: the penalty in the loss."""
         value, grads = feature_map_penalty_grad(live, ref, self.alpha, weights, dims, mask)
-        self._pl_module.log("delta/penalty", value, on_step=True, on_epoch=False)
+        # under FSDP2 each rank sees its part of the global batch: the batch mean is the mean over ranks
+        self._pl_module.log("delta/penalty", value, on_step=True, on_epoch=False, sync_dist=self._sharded)
         pairs = [(f, g) for f, g in zip(live, grads) if f.requires_grad]
         if not pairs:  # no trainable parameter upstream of the layers
             self._skipped += 1
@@ -385,6 +426,10 @@ class FeatureMapRegularization(GradientRegularizer):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._unfired and self._backward_ran and self._sharded:
+            raise RuntimeError(f"{OWNER}: no gradient reached a regularized layer's output in the backward (does the "
+                               "loss use it?); under FSDP2 the penalty's gradient can only enter the main backward. "
+                               "Regularize layers whose outputs the loss uses.")
         if self._unfired and self._backward_ran:  # a live map got no gradient in the backward: its hook added no r
             self._one_backward = False
             rank_zero_warn(f"{OWNER}: no gradient reached a regularized layer's output in the backward (does the loss "
@@ -492,15 +537,32 @@ class FeatureMapRegularization(GradientRegularizer):
     @override
     def state_dict(self) -> dict[str, Any]:
         weights = self.channel_weights
-        if self._reference is None:
+        if self._reference is None or (self._sharded and not isinstance(self._reference, FSDPModule)):
             return {"reference": self._loaded or {}, "channel_weights": weights}
-        return {"reference": {k: v.detach().cpu() for k, v in self._reference.state_dict().items()},
+        # full tensors (an all-gather per sharded tensor: every rank saves a checkpoint): the sharded checkpoint
+        # keeps callback states in rank 0's metadata file, so the reference is written whole, once
+        return {"reference": {k: full_tensor(v, v).detach().cpu() for k, v in self._reference.state_dict().items()},
                 "channel_weights": weights}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict["reference"]) or None
         self.channel_weights = state_dict.get("channel_weights") if self.attention else None
+        if self._loaded is not None and self._sharded and isinstance(self._reference, FSDPModule):
+            self._restore_reference()  # FSDP2: Lightning restores the checkpoint after on_fit_start
+
+    def _restore_reference(self) -> None:
+        """The checkpoint's (full) reference into ours; under FSDP2 each rank copies its own shards."""
+        if self._sharded:
+            own = self._reference.state_dict(keep_vars=True)
+            missing = sorted(own.keys() - self._loaded.keys()) + sorted(self._loaded.keys() - own.keys())
+            if missing:
+                raise KeyError(f"{OWNER}: the checkpoint's reference does not match root: keys {missing[:5]} differ.")
+            for k, t in own.items():
+                copy_full_(t, self._loaded[k])
+        else:
+            self._reference.load_state_dict(self._loaded)
+        self._loaded = None
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -180,7 +180,7 @@ class L2SP(GradientRegularizer):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # validate names and the Fisher file before any step
-            check_strategy(trainer, "L2SP", sharded=True)
+            check_strategy(trainer, type(self).__name__, sharded=True)
             self._started = False
             self._loaded = None  # a resume restores it after setup; a new fit takes w0 afresh
             transferred, _, _ = select_parameters(pl_module, self.head, self.exclude, self.include_norm_and_bias)
@@ -195,8 +195,8 @@ class L2SP(GradientRegularizer):
         self._params = [p for _, p in transferred]
         self._head_params = [p for _, p in head_params]
         self._r_buffers = {}
-        check_one_optimizer_per_parameter(trainer.optimizers, transferred + head_params, "L2SP")
-        check_shardable(transferred + head_params, "L2SP")
+        check_one_optimizer_per_parameter(trainer.optimizers, transferred + head_params, type(self).__name__)
+        check_shardable(transferred + head_params, type(self).__name__)
         self._sharded = any(is_sharded(p) for p in self._params + self._head_params)
         if self._sharded and self.fused:
             rank_zero_warn("L2SP(fused=True) runs the eager kernel under sharded training (on local shards).")
@@ -208,7 +208,7 @@ class L2SP(GradientRegularizer):
             fisher = match_fisher(load_fisher(self.fisher_path), transferred)
             self._fisher = [shard_like(f.to(torch.float32), p).to(p.device) for f, p in zip(fisher, self._params)]
         if not self.decoupled:
-            warn_weight_decay_on(trainer, self._params, "L2SP")
+            warn_weight_decay_on(trainer, self._params, type(self).__name__)
         self._started = True
 
     def _apply_loaded(self) -> None:
@@ -216,7 +216,7 @@ class L2SP(GradientRegularizer):
         loaded, self._loaded = self._loaded, None
         missing = [n for n in self._names if n not in loaded]
         if missing:
-            raise KeyError(f"L2SP state in the checkpoint lacks w0 for {missing[:5]}: it was saved from another "
+            raise KeyError(f"{type(self).__name__} state in the checkpoint lacks w0 for {missing[:5]}: it was saved from another "
                            "model, or with fewer anchored parameters (a larger exclude, include_norm_and_bias=False).")
         self._anchors = [shard_like(loaded[n].to(p.device), p).to(self.anchor_dtype, copy=True)
                          for n, p in zip(self._names, self._params)]
@@ -325,7 +325,7 @@ class L2SP(GradientRegularizer):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        check_still_frozen(self._fixed, "L2SP", "the pre-trained anchor w0",
+        check_still_frozen(self._fixed, type(self).__name__, "the pre-trained anchor w0",
                            "or pass exclude=[...] to leave them out of L2SP knowingly")
         if self.is_deferred(trainer):
             return
@@ -384,13 +384,13 @@ class L2SP(GradientRegularizer):
             return  # Lightning hands our own state to load_state_dict
         if len(candidates) == 1:
             (key, state), = candidates.items()
-            rank_zero_info(f"L2SP: arguments changed since the checkpoint (saved as {key}, now {self.state_key}); "
+            rank_zero_info(f"{type(self).__name__}: arguments changed since the checkpoint (saved as {key}, now {self.state_key}); "
                            "keeping its pre-trained anchors w0.")
             self.load_state_dict(state)
             return
         if candidates:
             raise ValueError(
-                f"L2SP {self.state_key} finds no state of its own in the checkpoint, and several L2SP states that "
+                f"{type(self).__name__} {self.state_key} finds no state of its own in the checkpoint, and several L2SP states that "
                 f"could be its: {sorted(candidates)}. Resume with the arguments of one of them (they name the "
                 "state), or start a new fit without ckpt_path."
             )

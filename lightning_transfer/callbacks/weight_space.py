@@ -134,7 +134,8 @@ class WeightSpaceSelection(Callback):
         if self._low_rank and any(is_sharded(p) for _, p in named):
             raise ValueError(f"{self.owner} does not combine LoRA factors of a sharded (FSDP2) model: the check of "
                              "B0@A0 needs whole factors. Use DDP or a single device with LoRA.")
-        l2sp = next((cb for cb in trainer.callbacks if isinstance(cb, L2SP)), None)
+        # an L2SP (or SPD without peft=True) holds w0 of the transferred parameters: share it
+        l2sp = next((cb for cb in trainer.callbacks if isinstance(cb, L2SP) and not getattr(cb, "peft", False)), None)
         shared = set(l2sp.anchored_names(pl_module, trainer)) if l2sp is not None else set()
         self._shared = [n for n, _ in named if n in shared]
         self._l2sp = l2sp if self._shared else None

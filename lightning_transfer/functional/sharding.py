@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
-    "fully_shard_blocks", "fully_shard_linears",
+    "fully_shard_blocks", "fully_shard_linears", "fully_shard_like",
     "ShardingError", "check_shardable", "full_tensor", "is_sharded", "local", "reduce_partial_sums",
     "shard_like", "copy_full_", "plain_parameters",
 ]
@@ -219,3 +219,23 @@ def fully_shard_linears(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     :func:`fully_shard_blocks` with every ``nn.Linear`` of ``module`` as a block (idempotent too).
     """
     return fully_shard_blocks(module, [m for m in module.modules() if isinstance(m, nn.Linear)], mesh)
+
+
+def fully_shard_like(copy: nn.Module, live: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
+    """Shard ``copy`` (an unsharded copy of ``live`` taken before ``live`` was sharded) as ``live`` is.
+
+    Every FSDP2 unit of ``live`` (a ``torch.distributed.fsdp.FSDPModule`` among its modules) becomes a
+    unit of ``copy`` at the same name, innermost first, then ``copy`` itself (:func:`fully_shard_blocks`),
+    on the mesh of ``live``'s sharded parameters (``mesh`` when it holds none). A forward of
+    ``copy`` then gathers one unit's parameters at a time, as the live forward does, and each rank holds
+    the same shards of ``copy`` as of ``live``.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [(name, m) for name, m in live.named_modules() if name and isinstance(m, FSDPModule)]
+    meshes = [p.device_mesh for _, m in units for p in m.parameters() if is_sharded(p)]
+    meshes += [p.device_mesh for p in live.parameters() if is_sharded(p)]
+    mesh = meshes[0] if meshes else mesh
+    if mesh is None:
+        raise ShardingError("fully_shard_like: the live module holds no sharded parameter and no mesh was given.")
+    return fully_shard_blocks(copy, [copy.get_submodule(name) for name, _ in units], mesh)

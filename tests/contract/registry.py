@@ -11,15 +11,19 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 
 from lightning_transfer import (
+    BSS,
     DTNH,
     L2SP,
     RIFLE,
+    SPD,
     AnatomyError,
+    CoTuning,
     FeatureMapRegularization,
     FreezeSchedule,
     LiNeS,
     MaxEntropyHeadInit,
     RepresentationSimilarity,
+    StochNorm,
     WiSEFT,
 )
 from tests.helpers import TinyClassifier
@@ -51,6 +55,26 @@ class Entry:
     # regularizer replaced by its penalty in the loss, differentiated by autograd. Called with no argument
     # for TinyClassifier, or with the Model of another network (tests/contract/test_transformers.py).
     reference: Callable[..., tuple[dict, list[Callback]]] | None = None
+    # The penalty is a function of the whole batch (BSS's singular values, like BatchNorm's statistics): a window
+    # of micro-batches then gives the sum of the micro-batches' penalties, which the accumulation columns check
+    # against ``reference`` run with the same accumulation instead of against one full batch.
+    batch_dependent: bool = False
+
+
+class SourceHead(torch.nn.Module):
+    """A fixed random Linear to ``classes`` source classes, its input width taken at the first call: Co-Tuning's
+    source head for any model (TinyClassifier, the transformer families), the same weights in every run."""
+
+    def __init__(self, classes: int = 5, seed: int = 0) -> None:
+        super().__init__()
+        self.classes, self.seed = classes, seed
+        self.weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.weight.shape[1] != x.shape[-1]:
+            g = torch.Generator().manual_seed(self.seed)
+            self.weight = (torch.randn(self.classes, x.shape[-1], generator=g) / x.shape[-1] ** 0.5).to(x.device)
+        return F.linear(x, self.weight.to(x.device, x.dtype))
 
 
 def _l2sp(m: Model) -> list[Callback]:
@@ -136,6 +160,38 @@ REGISTRY: dict[str, Entry] = {
              (lambda: [LiNeS(blocks=["backbone.9"])], AnatomyError, "match no parameter"),
              (lambda: [LiNeS(beta=-0.5)], ValueError, "beta")],
     ),
+    "CoTuning": Entry(
+        make=lambda m: [CoTuning(SourceHead(), alpha=1.0, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.CoTuning",
+               "init_args": {"source_head": {"class_path": "torch.nn.Linear",
+                                             "init_args": {"in_features": 32, "out_features": 5}}, "alpha": 2.3}}],
+        bad=[(lambda: [CoTuning(SourceHead(), head="nope")], AnatomyError, "Unknown head"),
+             (lambda: [CoTuning(torch.nn.Linear(7, 5))], ValueError, "source_head cannot take"),
+             (lambda: [CoTuning(SourceHead(), alpha=-1.0)], ValueError, "alpha")],
+    ),
+    # A fixed seed: every column compares runs, which must draw the same masks (seed=None is saved and restored).
+    "StochNorm": Entry(
+        make=lambda m: [StochNorm(p=0.5, seed=0)],
+        yaml=[{"class_path": "lightning_transfer.StochNorm", "init_args": {"p": 0.5, "seed": 1}}],
+        bad=[(lambda: [StochNorm(p=1.5)], ValueError, "p must be"),
+             (lambda: [StochNorm(seed=-1)], ValueError, "seed")],
+    ),
+    "SPD": Entry(
+        make=lambda m: [SPD(lam=1.0, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.SPD", "init_args": {"lam": 0.5}}],
+        bad=[(lambda: [SPD(head="nope")], AnatomyError, "Unknown head"),
+             (lambda: [SPD(exclude=["zzz"])], AnatomyError, "matches no parameter"),
+             (lambda: [SPD(lam=-1.0)], ValueError, "lam")],
+    ),
+    "BSS": Entry(
+        make=lambda m: [BSS(eta=0.5, k=2, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.BSS", "init_args": {"eta": 0.01, "k": 1}}],
+        bad=[(lambda: [BSS(head="nope")], AnatomyError, "Unknown head"),
+             (lambda: [BSS(k=0)], ValueError, "k must be")],
+        stateful=False,
+        reference=lambda m=TINY: ({"cls": BSSPenaltyInLoss, "eta": 0.5, "k": 2}, []),
+        batch_dependent=True,
+    ),
 }
 
 
@@ -157,6 +213,21 @@ def l2sp_in_loss(alpha: float, beta: float, head: str = "head") -> Callable:
         return total
 
     return extra_loss
+
+
+class BSSPenaltyInLoss(TinyClassifier):
+    """TinyClassifier whose loss includes BSS's ``η·Σ_{i≤k} σ_i²`` of the head's input (autograd through svdvals)."""
+
+    def __init__(self, eta: float = 0.5, k: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.eta, self.k = eta, k
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        f = self.backbone(x)
+        s = torch.linalg.svdvals(f.float())
+        loss = F.cross_entropy(self.head(f), y) + self.eta * s[-self.k:].square().sum()
+        return loss + self.extra_loss(self) if self.extra_loss is not None else loss
 
 
 class FeaturePenaltyInLoss(TinyClassifier):
@@ -193,6 +264,27 @@ class FeaturePenaltyInLoss(TinyClassifier):
 # (resume, DDP, precision, accumulation, clipping, state, CLI) plus a resume at each of its transitions
 # and, where one exists, a comparison with an independent reference.
 COMBINATIONS: dict[str, Entry] = {
+    "SPD+FreezeSchedule": Entry(
+        make=lambda m: [SPD(lam=1.0, head=m.head), FreezeSchedule(milestones={0: 2, 2: 1}, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.SPD", "init_args": {"lam": 0.5}},
+              {"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"depth": 1}}],
+        transitions=[2],
+    ),
+    "BSS+L2SP": Entry(
+        make=lambda m: [BSS(eta=0.5, k=2, head=m.head), L2SP(alpha=1.0, beta=0.1, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.BSS", "init_args": {"eta": 0.01}},
+              {"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.5}}],
+        reference=lambda m=TINY: ({"cls": BSSPenaltyInLoss, "eta": 0.5, "k": 2,
+                                   "extra_loss": l2sp_in_loss(1.0, 0.1, m.head or "head")}, []),
+        batch_dependent=True,
+        max_epochs=6,  # its fp16 backward overflows at a loss scale of 2**20 for 4 steps: 2 more are taken
+    ),
+    "StochNorm+FreezeSchedule": Entry(  # block 0 (with the BatchNorm) frozen, in eval mode, until epoch 2
+        make=lambda m: [StochNorm(p=0.5, seed=0), FreezeSchedule(milestones={0: 1, 2: 0}, head=m.head)],
+        yaml=[{"class_path": "lightning_transfer.StochNorm", "init_args": {"p": 0.5}},
+              {"class_path": "lightning_transfer.FreezeSchedule", "init_args": {"milestones": {0: 1, 2: 0}}}],
+        transitions=[2],
+    ),
     "L2SP+FreezeSchedule": Entry(
         make=lambda m: [L2SP(alpha=1.0, beta=0.1, head=m.head), FreezeSchedule(milestones={0: 2, 2: 1}, head=m.head)],
         yaml=[{"class_path": "lightning_transfer.L2SP", "init_args": {"alpha": 0.5}},

@@ -29,10 +29,10 @@ from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
-from lightning_transfer import DTNH, L2SP, FreezeSchedule, MaxEntropyHeadInit  # noqa: E402
+from lightning_transfer import DTNH, L2SP, FeatureMapRegularization, FreezeSchedule, MaxEntropyHeadInit  # noqa: E402
 from lightning_transfer.callbacks.weight_space import WeightSpaceSelection  # noqa: E402
 from lightning_transfer.functional import save_fisher  # noqa: E402
-from lightning_transfer.functional.sharding import fully_shard_linears  # noqa: E402
+from lightning_transfer.functional.sharding import fully_shard_linears, local  # noqa: E402
 from tests.contract.multiprocess import finish  # noqa: E402
 from tests.contract.registry import REGISTRY, Entry, Model  # noqa: E402
 from tests.helpers import StopAfter, TinyClassifier, make_data, quiet_trainer  # noqa: E402
@@ -141,12 +141,18 @@ def run_rejected(folder: Path, name: str, entry: Entry) -> Trainer:
 def run(folder: Path, name: str, entry: Entry, resume: bool) -> Trainer:
     trainer, model = _fit(entry)
     trainer.fit(model)
-    result = {"params": _full(model), "anchors": [], "w0": [], "metrics": _metrics(trainer)}
+    result = {"params": _full(model), "anchors": [], "w0": [], "reference": [], "metrics": _metrics(trainer)}
     for cb in trainer.callbacks:
         if isinstance(cb, WeightSpaceSelection):  # WiSEFT, LiNeS: their own copies of w0
             result["w0"].append({"local": sum(t.numel() for t in cb._own.values()),
                                  "full": sum(cb._params[n].numel() for n in cb._own),
                                  "types": sorted({type(t).__name__ for t in cb._own.values()})})
+        if isinstance(cb, FeatureMapRegularization):  # DELTA: its reference copy, sharded as the live model
+            refs = list(cb._reference.parameters())
+            result["reference"].append({"local": sum(local(p).numel() for p in refs),
+                                        "full": sum(p.numel() for p in refs),
+                                        "bytes": sum(local(p).numel() * p.element_size() for p in refs),
+                                        "types": sorted({type(p).__name__ for p in refs})})
         if isinstance(cb, L2SP):
             result["anchors"].append({"local": sum(a.numel() for a in cb._anchors),
                                       "full": sum(p.numel() for p in cb._params),

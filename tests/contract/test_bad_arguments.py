@@ -14,13 +14,15 @@ import types
 import typing
 
 import pytest
+from torch import nn
 
 import lightning_transfer.callbacks as callbacks_module
 from lightning_transfer import L2SP
 from tests.helpers import TinyClassifier, quiet_trainer
 
 CALLBACKS = [getattr(callbacks_module, n) for n in callbacks_module.__all__ if n != "GradientRegularizer"]
-REQUIRED = {"FeatureMapRegularization": {"layers": ["backbone.0"]}, "FreezeSchedule": {"depth": 1}}
+REQUIRED = {"FeatureMapRegularization": {"layers": ["backbone.0"]}, "FreezeSchedule": {"depth": 1},
+            "CoTuning": {"source_head": nn.Linear(32, 5)}}
 COMPANIONS = {"DTNH": lambda: [L2SP()]}  # what a callback needs beside it to reach its own checks
 SIGNED = {"channel_dim"}  # arguments for which a negative value is valid (a dimension counted from the end)
 NAMES = {"head", "layers", "blocks", "exclude", "root", "fisher"}  # module names / paths: unknown ones fail at setup
@@ -57,6 +59,8 @@ def _invalid_values(name: str, hint) -> list:
         values += ["x", {"x": 1}]
     if name in NAMES:
         values += [["no.such.module"] if list in kinds else "no.such.module"]
+    if any(isinstance(k, type) and issubclass(k, nn.Module) for k in kinds):
+        values += ["not-a-module", 3]
     return values
 
 

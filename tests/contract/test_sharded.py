@@ -3,9 +3,10 @@
 Every callback entry of the registry, and every combination of supported callbacks, trains to the same
 full parameters as a single-process run on the same global batches, and a run resumed from its
 distributed checkpoint ends equal to the uninterrupted one (WiSEFT and LiNeS: the same curve, the same
-chosen ``a``, the same final parameters). Callbacks that need a full reference copy
-of the model (FeatureMapRegularization, RepresentationSimilarity) are rejected at setup; FSDP1 and
-DeepSpeed are rejected for every callback by the one shared strategy check.
+chosen ``a``, the same final parameters). FeatureMapRegularization (DELTA) keeps its reference copy
+sharded as the live model (1/N of it per rank); RepresentationSimilarity, which needs a full reference
+copy, and DELTA under DTNH (a second autograd pass) are rejected at setup; FSDP1 and DeepSpeed are
+rejected for every callback by the one shared strategy check.
 
 All sharded fits run in one 2-process launch (tests/contract/sharded_run.py); the single-process
 references run here.
@@ -40,11 +41,16 @@ from tests.contract.sharded_run import entries, extra_entries, reference
 from tests.helpers import TinyClassifier, assert_params_close
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-UNSHARDED = (FeatureMapRegularization, RepresentationSimilarity)  # need full reference copies of the model
+UNSHARDED = (RepresentationSimilarity,)  # needs a full reference copy of the model
+
+
+def _delta_under_dtnh(callbacks) -> bool:
+    return any(isinstance(cb, FeatureMapRegularization) for cb in callbacks) and any(isinstance(cb, DTNH) for cb in callbacks)
 
 
 def _supported(name: str) -> bool:
-    return not any(isinstance(cb, UNSHARDED) for cb in REGISTRY[name].make(Model()))
+    callbacks = REGISTRY[name].make(Model())
+    return not any(isinstance(cb, UNSHARDED) for cb in callbacks) and not _delta_under_dtnh(callbacks)
 
 
 SUPPORTED = [n for n in REGISTRY if _supported(n)]
@@ -99,6 +105,21 @@ def test_l2sp_anchor_memory_per_rank_is_one_over_n(sharded):
 
 
 @pytest.mark.slow
+def test_delta_reference_is_sharded_as_the_live_model_half_per_rank(sharded):
+    """DELTA's reference copy under FSDP2: DTensors whose local shards are 1/2 of the full copy on 2 ranks
+    (TinyClassifier's backbone: 1568 fp32 parameters, 3136 bytes per rank; benchmarks/results/sharded_cpu.md)."""
+    out, results = sharded
+    names = [n for n in NAMES if any(isinstance(cb, FeatureMapRegularization) for cb in entries(out)[n].make(Model()))]
+    assert {"FeatureMapRegularization", "FeatureMapRegularization-attention", "DELTA+LP-FT"} <= set(names)
+    for name in names:
+        for ref in results[name]["reference"]:
+            assert ref["types"] == ["DTensor"], name
+            assert ref["local"] * 2 == ref["full"] and ref["bytes"] == ref["local"] * 4, name
+    backbone = sum(p.numel() for p in TinyClassifier(norm=False).backbone.parameters())  # DELTA's root, fp32
+    assert results["FeatureMapRegularization"]["reference"][0]["bytes"] == backbone * 4 // 2 == 3136
+
+
+@pytest.mark.slow
 def test_fsdp2_weight_space_selection_keeps_local_w0_and_chooses_as_one_process(sharded):
     """WiSEFT, LiNeS: w0 held as local shards (1/N), and the curve and the chosen a of the single-process run."""
     out, results = sharded
@@ -126,7 +147,8 @@ def test_rejected_callbacks_fail_at_setup_of_a_real_fsdp2_run(name, sharded):
     _, results = sharded
     error = results[name]["error"]
     assert error is not None and "does not support sharded training (ModelParallelStrategy / FSDP2)" in error
-    assert ("reference copy" in error or "full copies" in error) and "Use a single device or DDP" in error
+    assert "reference copy" in error or "full copies" in error or "DTNH needs DELTA's gradient apart" in error
+    assert "on a single device or DDP" in error or "Use a single device or DDP" in error
     assert results[name]["global_step"] == 0
 
 
@@ -143,9 +165,34 @@ def _fsdp2():
 
 @pytest.mark.parametrize("name", REJECTED)
 def test_callbacks_needing_a_reference_copy_are_rejected_under_fsdp2(name):
-    for cb in [cb for cb in REGISTRY[name].make(Model()) if isinstance(cb, UNSHARDED)]:
+    callbacks = REGISTRY[name].make(Model())
+    for cb in [cb for cb in callbacks if isinstance(cb, UNSHARDED)]:
         with pytest.raises(ValueError, match=rf"{type(cb).__name__} does not support sharded training .*(reference copy|full copies)"):
             cb.setup(_stub(_fsdp2()), TinyClassifier(), "fit")
+    if _delta_under_dtnh(callbacks):
+        stub = _stub(_fsdp2())
+        stub.callbacks = callbacks
+        delta = next(cb for cb in callbacks if isinstance(cb, FeatureMapRegularization))
+        with pytest.raises(ValueError, match="with DTNH does not support sharded training .*second autograd pass"):
+            delta.setup(stub, TinyClassifier(), "fit")
+
+
+def test_delta_rejects_a_model_sharded_or_on_the_meta_device_at_setup():
+    """Its reference is copied at setup, before configure_model: a module sharded already, or built on the meta
+    device, holds no pre-trained weights to copy."""
+    from torch.distributed.fsdp import FSDPModule
+
+    delta = FeatureMapRegularization(["backbone.0"])
+    delta.setup(_stub(_fsdp2()), TinyClassifier(), "fit")  # a whole model: copied
+    assert delta._reference is not None and not isinstance(delta._reference, FSDPModule)
+    sharded = TinyClassifier()
+    sharded.backbone[0].__class__ = type("FSDPLinear", (FSDPModule, type(sharded.backbone[0])), {})
+    with pytest.raises(ValueError, match="already sharded with fully_shard at setup.*configure_model"):
+        delta.setup(_stub(_fsdp2()), sharded, "fit")
+    with torch.device("meta"):
+        meta = TinyClassifier()
+    with pytest.raises(ValueError, match="meta device at setup"):
+        delta.setup(_stub(_fsdp2()), meta, "fit")
 
 
 ALL_CALLBACKS = [

@@ -227,3 +227,20 @@ class FeaturePenaltyReference(TransferClassifier):
 
         penalty = sum(distance(live[n], ref[n]) for n in self.layers)
         return F.cross_entropy(logits, batch_labels(batch)) + self.alpha / 2 * penalty
+
+
+class BSSReference(TransferClassifier):
+    """BSS's penalty ``η·Σ_{i≤k} σ_i²`` of the head's input, put in the loss and differentiated by autograd
+    (through ``torch.linalg.svdvals``): an independent implementation of :class:`~lightning_transfer.BSS`."""
+
+    def __init__(self, backbone: nn.Module, head: str = "", eta: float = 0.5, k: int = 2, **kwargs: Any) -> None:
+        super().__init__(backbone, **kwargs)
+        self.head_name, self.eta, self.k = head, eta, k
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        hook = self.get_submodule(self.head_name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        loss = super().training_step(batch, batch_idx)
+        hook.remove()
+        s = torch.linalg.svdvals(seen[0].reshape(seen[0].shape[0], -1).float())
+        return loss + self.eta * s[-self.k:].square().sum()
