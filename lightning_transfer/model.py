@@ -109,6 +109,9 @@ class TransferClassifier(LightningModule):
                 )
             self.save_hyperparameters()
             self.backbone, normalization = build_backbone(backbone, num_classes, pretrained, weights)
+            # Hugging Face's from_pretrained returns the model in eval mode, which Lightning keeps through fit (it
+            # restores each submodule's mode): the network the library builds starts in train mode, dropout on
+            self.backbone.train()
         mean, std = normalization or (None, None)
         self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)

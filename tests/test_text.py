@@ -12,10 +12,15 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from lightning_transfer import ArrayDataModule, TextClassificationDataModule, TransferClassifier
-from lightning_transfer import assets
-from lightning_transfer.assets import (BBC_NEWS_CLASSES, MINILM_NAME, AssetIntegrityError, MissingAssetError,
-                                       load_bbc_news, minilm_folder)
+from lightning_transfer import ArrayDataModule, TextClassificationDataModule, TransferClassifier, assets
+from lightning_transfer.assets import (
+    BBC_NEWS_CLASSES,
+    MINILM_NAME,
+    AssetIntegrityError,
+    MissingAssetError,
+    load_bbc_news,
+    minilm_folder,
+)
 from lightning_transfer.data import SeededEpochSampler
 from lightning_transfer.text import load_tokenizer, read_text_csv
 
@@ -212,3 +217,27 @@ def test_cli_runs_the_text_config(tmp_path):
     assert cli.trainer.state.finished and "val_acc" in cli.trainer.callback_metrics
     assert type(cli.model.backbone).__name__ == "BertForSequenceClassification" and cli.datamodule.num_classes == 5
     assert cli.model.backbone.config.hidden_size == 384 and cli.model.backbone.config.num_hidden_layers == 6
+
+
+def test_pretrained_backbone_trains_with_dropout_on(tmp_path):
+    """from_pretrained returns an eval-mode model and Lightning keeps each submodule's mode through fit: the
+    backbone TransferClassifier builds must be in train mode in training_step (dropout on), eval in validation."""
+    from lightning.pytorch import Callback
+
+    from lightning_transfer.text import BBCNewsDataModule
+
+    modes: dict[str, set[bool]] = {"train": set(), "val": set()}
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes["train"] |= {m.training for m in pl_module.backbone.modules() if isinstance(m, torch.nn.Dropout)}
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            modes["val"] |= {m.training for m in pl_module.backbone.modules() if isinstance(m, torch.nn.Dropout)}
+
+    model = TransferClassifier(f"hf:{MINILM_NAME}", num_classes=5, optimizer="adamw", lr=1e-5)
+    data = BBCNewsDataModule(max_length=16, per_class=1, val_per_class=1, test_per_class=1, batch_size=5)
+    Trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[Watch()]).fit(model, data)
+    assert modes == {"train": {True}, "val": {False}}

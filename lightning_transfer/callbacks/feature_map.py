@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_transfer import batches
 from lightning_transfer.anatomy import AnatomyError, find_head, relative_name, resolve_module
-from lightning_transfer.callbacks.base import GradientRegularizer, optimizer_param_ids
+from lightning_transfer.callbacks.base import GradientRegularizer, loss_factor, optimizer_param_ids
 from lightning_transfer.compilation import eager, recompile, reference_copy
 from lightning_transfer.functional.feature_maps import (
     add_gradient_hooks,
@@ -369,19 +369,10 @@ class FeatureMapRegularization(GradientRegularizer):
             self._skipped += 1
             return
         self._unfired += len(pairs)
-        add_gradient_hooks([f for f, _ in pairs], [g for _, g in pairs], self._loss_factor, self._on_hook)
+        add_gradient_hooks([f for f, _ in pairs], [g for _, g in pairs], lambda: loss_factor(self._trainer), self._on_hook)
 
     def _on_hook(self) -> None:
         self._unfired -= 1
-
-    def _loss_factor(self) -> float | Tensor:
-        """What Lightning multiplies the loss by before backward: the GradScaler's scale ``S`` (a tensor, read
-        without a host synchronization) over ``k = accumulate_grad_batches`` (automatic optimization only)."""
-        trainer = self._trainer
-        k = trainer.accumulate_grad_batches if trainer.lightning_module.automatic_optimization else 1
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = scaler._scale if scaler is not None and scaler.is_enabled() else None
-        return 1.0 / k if scale is None else scale / k
 
     def _separate_pass(self, live: list[Tensor], ref: list[Tensor], weights: list[Tensor] | None, dims: list[int],
                        mask: Tensor | None, params: list[nn.Parameter]) -> None:

@@ -83,6 +83,18 @@ class Tiny(TinyClassifier):
                 p.requires_grad_(False)
 
 
+class PerRankBatches(Tiny):
+    """The single-process run of a batch-dependent entry (BSS): each global batch of 16 as two micro-batches of 8,
+    rank 0's part (its even indices, DistributedSampler's share) then rank 1's, accumulated: the average of the
+    ranks' gradients, which is what a sharded (or DDP) run computes when each rank penalizes its own batch."""
+
+    def train_dataloader(self):
+        order = []
+        for b in range(0, self.n, 16):
+            order += list(range(b, min(b + 16, self.n), 2)) + list(range(b + 1, min(b + 16, self.n), 2))
+        return DataLoader(make_data(self.n, self.dim, self.classes), batch_size=8, sampler=order)
+
+
 class ShardedTiny(Tiny):
     """Tiny without BatchNorm (per-rank statistics would differ), ``fully_shard``-ed per Linear."""
 
@@ -98,9 +110,13 @@ class ShardedTiny(Tiny):
 
 def reference(entry: Entry) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The single-process run on the same global batches: its parameters and the callbacks' last logged values."""
-    model = Tiny(batch_size=16, norm=False, **entry.module)
+    if entry.batch_dependent:  # each rank's own batch: micro-batches of 8 in the ranks' composition, accumulated
+        model = PerRankBatches(batch_size=8, norm=False, **entry.module)
+        extra = {"accumulate_grad_batches": 2}
+    else:
+        model, extra = Tiny(batch_size=16, norm=False, **entry.module), {}
     trainer = quiet_trainer(max_epochs=entry.max_epochs, callbacks=entry.make(Model()), accelerator="cpu",
-                            log_every_n_steps=1, **entry.trainer)
+                            log_every_n_steps=1, **{**entry.trainer, **extra})
     trainer.fit(model)
     return {n: p.detach().clone() for n, p in model.named_parameters()}, _metrics(trainer)
 

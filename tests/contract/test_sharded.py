@@ -84,6 +84,8 @@ def test_fsdp2_equals_single_process(name, sharded):
     # logged values (penalties, DTNH statistics) are of the whole model on rank 0, not of its shard
     assert results[name]["metrics"].keys() == metrics.keys()
     for key, value in metrics.items():
+        if key.startswith("bss/"):  # the penalty of the rank's own batch (rank 0's), not of the reference's last
+            continue  # micro-batch (rank 1's part)
         assert results[name]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
