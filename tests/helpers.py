@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 
@@ -159,3 +160,18 @@ class TinyDataModule(LightningDataModule):
 
     def test_dataloader(self):
         return DataLoader(self._split(2, 32), batch_size=self.batch_size)
+
+
+_PORTS = itertools.count()
+
+
+def launch_env() -> dict[str, str]:
+    """The environment for a test that launches a multi-process run: a ``MASTER_PORT`` of its own.
+
+    Lightning otherwise asks the OS for a free port and releases it before the ranks listen, so two launches
+    at once (the two pytest workers) can both be handed the same port (seen: EADDRINUSE). These ports lie below
+    Linux's ephemeral range, 1,000 per pytest worker, never reused within a session.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    return {**os.environ, "MASTER_PORT": str(20000 + 1000 * index + next(_PORTS) % 1000)}

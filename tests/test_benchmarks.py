@@ -9,6 +9,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy  # noqa: E402
 import overhead  # noqa: E402
 
+from tests.helpers import launch_env  # noqa: E402
+
 
 def test_overhead_quick(tmp_path):
     out = tmp_path / "overhead.md"
@@ -43,7 +45,7 @@ def test_sharded_quick(tmp_path):
 
     out = tmp_path / "sharded.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sharded.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     for row in ("| plain |", "| L2SP |", "| L2SP+DTNH |"):

@@ -14,7 +14,7 @@ from lightning_transfer.functional.co_tuning import (
     relationship,
     relationship_sums,
 )
-from tests.helpers import TinyClassifier, assert_params_close, make_data, params_of, quiet_trainer
+from tests.helpers import TinyClassifier, assert_params_close, launch_env, make_data, params_of, quiet_trainer
 
 
 def _plain_average(logits, labels, num_target):
@@ -123,7 +123,7 @@ def test_ddp_relationship_averages_over_every_rank(tmp_path):
     script, out, root = tmp_path / "run.py", tmp_path / "rel.pt", Path(__file__).resolve().parents[1]
     script.write_text(DDP_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(out), str(root)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+                          timeout=300, cwd=tmp_path, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(1)
     source, model = nn.Linear(32, 7), TinyClassifier(batch_size=8, n=48).eval()

@@ -56,6 +56,8 @@ METHOD_PAGES = {
     "LiNeS": "methods/lines.md",
     "StochNorm": "methods/stochnorm.md",
     "CoTuning": "methods/co-tuning.md",
+    "SPD": "methods/spd.md",
+    "BSS": "methods/bss.md",
 }
 TOOL_PAGES = ["anatomy", "layer-decay", "linear-probe", "ranking", "depth-scan", "soups"]
 PAGES_WITH_EXAMPLES = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")

@@ -10,7 +10,14 @@ from lightning_transfer.freezing import depth_at, gradual_milestones
 from lightning_transfer.model import build_backbone
 from lightning_transfer.optim import build_param_groups
 from tests.contract.test_contract import StopAfter
-from tests.helpers import ImageModule, TinyClassifier, assert_params_close, params_of, quiet_trainer
+from tests.helpers import (
+    ImageModule,
+    TinyClassifier,
+    assert_params_close,
+    launch_env,
+    params_of,
+    quiet_trainer,
+)
 
 NETS = {
     "resnet18": lambda: torchvision.models.resnet18(weights=None, num_classes=3),
@@ -213,7 +220,7 @@ def test_ddp_unfreeze_mid_training_keeps_ranks_identical_and_frozen_blocks_untou
 
     script = Path(__file__).parent / "contract" / "ddp_run.py"
     # registry entry "FreezeSchedule": block 0 frozen throughout, block 1 unfrozen at epoch 2 (after the wrap)
-    proc = subprocess.run([sys.executable, str(script), "FreezeSchedule", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), "FreezeSchedule", str(tmp_path)], capture_output=True, text=True, timeout=300, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert_params_close(ranks[0], ranks[1], rtol=0, atol=0)

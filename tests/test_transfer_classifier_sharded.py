@@ -24,7 +24,7 @@ from lightning_transfer.functional.sharding import (
     fully_shard_linears,
     is_sharded,
 )
-from tests.helpers import assert_params_close, quiet_trainer
+from tests.helpers import assert_params_close, launch_env, quiet_trainer
 from tests.transfer_classifier_sharded_run import (
     EPOCHS,
     SmallConvNet,
@@ -53,7 +53,7 @@ def sharded(tmp_path_factory):
     """One 2-rank launch of both families (uninterrupted, then stopped halfway and resumed): rank 0's results."""
     out = tmp_path_factory.mktemp("sharded_classifier")
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), *FAMILIES], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {f: torch.load(out / f"{f}.pt") for f in FAMILIES}
 
@@ -98,7 +98,7 @@ def test_the_cli_with_the_fsdp2_config_trains_sharded(tmp_path):
             "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}",
             "--data.init_args.per_class=2", "--data.init_args.batch_size=4", "--data.init_args.image_size=32"]
     proc = subprocess.run([sys.executable, "-m", "lightning_transfer.cli", *args], cwd=root, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     (checkpoint,) = (tmp_path / "checkpoints").iterdir()
     sizes = [f.stat().st_size for f in sorted(checkpoint.glob("*.distcp"))]

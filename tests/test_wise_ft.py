@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_transfer import L2SP, WiSEFT
 from lightning_transfer.functional.interpolation import interpolate, uniform_soup
-from tests.helpers import TinyClassifier, make_data, params_of, quiet_trainer
+from tests.helpers import TinyClassifier, launch_env, make_data, params_of, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -302,7 +302,7 @@ def test_ddp_ranks_agree_and_equal_a_whole_set_evaluation(tmp_path):
     script = tmp_path / "wise_ddp.py"
     script.write_text(DDP_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(ROOT)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+                          timeout=300, cwd=ROOT, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["curve"] == r1["curve"] and r0["best"] == r1["best"]

@@ -22,6 +22,7 @@ from tests.helpers import (
     StopAfter,
     TinyClassifier,
     assert_params_close,
+    launch_env,
     params_of,
     quiet_trainer,
 )
@@ -55,7 +56,7 @@ def test_resume_equals_uninterrupted(name, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_ddp_ranks_stay_identical(name, tmp_path):
     script = Path(__file__).with_name("ddp_run.py")
-    proc = subprocess.run([sys.executable, str(script), name, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), name, str(tmp_path)], capture_output=True, text=True, timeout=300, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert_params_close(ranks[0], ranks[1], rtol=0, atol=0)

@@ -38,7 +38,7 @@ from lightning_transfer.functional.projection import _dots, _squared_norms, proj
 from lightning_transfer.validation import check_strategy
 from tests.contract.registry import REGISTRY, Model
 from tests.contract.sharded_run import entries, extra_entries, reference
-from tests.helpers import TinyClassifier, assert_params_close
+from tests.helpers import TinyClassifier, assert_params_close, launch_env
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
 UNSHARDED = (RepresentationSimilarity,)  # needs a full reference copy of the model
@@ -65,7 +65,7 @@ def sharded(tmp_path_factory):
     expected to fail at setup); rank 0's results by name."""
     out = tmp_path_factory.mktemp("sharded")
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--resume", *NAMES, *[f"!{n}" for n in REJECTED]],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, {n: torch.load(out / f"{n}.pt") for n in NAMES + REJECTED}
 

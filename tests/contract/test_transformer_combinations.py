@@ -17,17 +17,18 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.contract.registry import COMBINATIONS, FeaturePenaltyInLoss
+from tests.contract.registry import COMBINATIONS, BSSPenaltyInLoss, FeaturePenaltyInLoss
 from tests.contract.test_contract import RESUME_POINTS
 from tests.contract.transformer_models import (
     FAMILIES,
+    BSSReference,
     FamilyData,
     FeaturePenaltyReference,
     LossReference,
     build,
     lr_for,
 )
-from tests.helpers import assert_params_close, params_of, quiet_trainer
+from tests.helpers import assert_params_close, launch_env, params_of, quiet_trainer
 
 FAMILY = "hf_bert"
 INFO = FAMILIES[FAMILY].model
@@ -76,7 +77,10 @@ def test_combination_equals_its_independent_reference(name, accumulate):
     entry = COMBINATIONS[name]
     kwargs, ref_callbacks = entry.reference(INFO)
     cls = kwargs.pop("cls", None)
-    cls = FeaturePenaltyReference if cls is FeaturePenaltyInLoss else LossReference
+    if cls is BSSPenaltyInLoss:  # BSS's penalty of the head's input, put in the loss of the family's model
+        cls, kwargs = BSSReference, {**kwargs, "head": INFO.head}
+    else:
+        cls = FeaturePenaltyReference if cls is FeaturePenaltyInLoss else LossReference
     lr = lr_for(entry)
     runs = [_fit(name, build(FAMILY, lr=lr, **entry.module), entry.make(INFO), accumulate_grad_batches=accumulate),
             _fit(name, build(FAMILY, lr=lr, cls=cls, **kwargs), ref_callbacks, accumulate_grad_batches=accumulate)]
@@ -91,7 +95,7 @@ SCRIPT = Path(__file__).with_name("transformer_multiprocess_run.py")
 
 
 def _launch(*args: str) -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -229,9 +229,10 @@ class FeaturePenaltyReference(TransferClassifier):
         return F.cross_entropy(logits, batch_labels(batch)) + self.alpha / 2 * penalty
 
 
-class BSSReference(TransferClassifier):
+class BSSReference(LossReference):
     """BSS's penalty ``η·Σ_{i≤k} σ_i²`` of the head's input, put in the loss and differentiated by autograd
-    (through ``torch.linalg.svdvals``): an independent implementation of :class:`~lightning_transfer.BSS`."""
+    (through ``torch.linalg.svdvals``): an independent implementation of :class:`~lightning_transfer.BSS`
+    (``extra_loss`` adds another callback's penalty, e.g. L2SP's, as in :class:`LossReference`)."""
 
     def __init__(self, backbone: nn.Module, head: str = "", eta: float = 0.5, k: int = 2, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
