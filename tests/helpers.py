@@ -161,12 +161,15 @@ class TinyDataModule(LightningDataModule):
         return DataLoader(self._split(2, 32), batch_size=self.batch_size)
 
 
-def launch_env() -> dict[str, str]:
-    """The environment of a test's multi-process launch: the test process's own, in one place.
+_DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                    "LOCAL_WORLD_SIZE", "PL_TRAINER_GPUS")
 
-    Lightning asks the OS for a free port and releases it before the ranks listen, so two launches at once
-    (the two pytest workers) can be handed the same port (seen once: EADDRINUSE). A MASTER_PORT of our own
-    per launch (ports below the ephemeral range) was tried and made rank 1 of Lightning's launcher never
-    start in a full run (not understood): left to Lightning until it is.
+
+def launch_env() -> dict[str, str]:
+    """The environment of a test's multi-process launch: the test process's own, without the distributed
+    variables an earlier in-process test may have left in it (Lightning sets ``MASTER_PORT``, ``LOCAL_RANK`` ...).
+
+    Inherited, they made the launched script bind the worker's own port (EADDRINUSE) or believe its ranks were
+    started externally (rank 1 never started): seen in full runs only, after other tests in the same worker.
     """
-    return dict(os.environ)
+    return {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
