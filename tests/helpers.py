@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import nn
@@ -161,8 +162,14 @@ class TinyDataModule(LightningDataModule):
         return DataLoader(self._split(2, 32), batch_size=self.batch_size)
 
 
-_DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
                     "LOCAL_WORLD_SIZE", "PL_TRAINER_GPUS")
+
+
+def destroy_process_group() -> None:
+    """End the process group an in-process Trainer with a DDP strategy initialized (Lightning leaves it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launch_env() -> dict[str, str]:
@@ -172,4 +179,4 @@ def launch_env() -> dict[str, str]:
     Inherited, they made the launched script bind the worker's own port (EADDRINUSE) or believe its ranks were
     started externally (rank 1 never started): seen in full runs only, after other tests in the same worker.
     """
-    return {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    return {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}

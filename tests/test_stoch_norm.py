@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_transfer import StochNorm
 from lightning_transfer.functional.stoch_norm import stoch_norm, stoch_norm_masks
-from tests.helpers import StopAfter, TinyClassifier, quiet_trainer
+from tests.helpers import StopAfter, TinyClassifier, destroy_process_group, quiet_trainer
 
 
 def _plain_rule(x, mean, var, weight, bias, use_running, eps):
@@ -111,7 +111,10 @@ def test_no_batchnorm_warns_and_changes_nothing():
 
 def test_sync_batchnorm_is_rejected_at_setup():
     model = TinyClassifier()
-    with pytest.raises(ValueError, match="sync_batchnorm"):
-        quiet_trainer(max_epochs=1, callbacks=[StochNorm()], strategy="ddp",
-                      sync_batchnorm=True).fit(model)
+    try:
+        with pytest.raises(ValueError, match="sync_batchnorm"):
+            quiet_trainer(max_epochs=1, callbacks=[StochNorm()], strategy="ddp",
+                          sync_batchnorm=True).fit(model)
+    finally:
+        destroy_process_group()  # the one-rank group Lightning initialized before setup
     assert model.global_step == 0
