@@ -87,6 +87,10 @@ def settings(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
                                   lambda k: [FreezeSchedule.lp_ft(int(k), blocks=task.blocks)]),
         "LP-FT (converged probe)": lrs(probe=True),
         "best depth": knob("depth", task.depths, lambda d: [FreezeSchedule(depth=int(d), blocks=task.blocks)]),
+        # layer decay: TransferClassifier(layer_decay=xi), block d steps below the head at lr * xi^d (two values)
+        # x two learning rates (the head's)
+        "layer decay": [(f"xi {xi:g}, lr {lr:g}", {"lr": lr, "layer_decay": xi}, lambda: [], False)
+                        for xi in (0.65, 0.8) for lr in task.knob_lrs],
         # LiNeS: the depth slope b (two values) x two learning rates; a is chosen on validation inside each run
         "LiNeS": knob("b", (0.5, 1.0), lambda b: [LiNeS(beta=b, blocks=task.blocks)]),
         # StochNorm: the probability of running statistics (the paper's 0.5, and 0.3) x two learning rates

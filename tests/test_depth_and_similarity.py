@@ -9,7 +9,7 @@ import yaml
 from lightning_transfer.callbacks.similarity import RepresentationSimilarity
 from lightning_transfer.functional.similarity import linear_cka, neighbourhood_overlap
 from lightning_transfer.scan import depth_scan, summarize
-from tests.helpers import TinyClassifier, TinyDataModule, quiet_trainer
+from tests.helpers import StopAfter, TinyClassifier, TinyDataModule, quiet_trainer
 
 
 def feature_space_cka(x, y):
@@ -61,6 +61,63 @@ def test_similarity_callback_logs_per_block_and_draws_heatmap(tmp_path):
     moving = RepresentationSimilarity(probe_size=32)
     quiet_trainer(max_epochs=3, callbacks=[moving], limit_val_batches=None).fit(TinyClassifier(lr=1.0), datamodule=TinyDataModule())
     assert moving.history["cka/head"][-1] < 0.999
+
+
+def _probe_features(model, probe, names):
+    """Reference: each block's output on the probe, by plain forward hooks on a model in eval mode."""
+    out, handles = {}, [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o))
+                        for n in names]
+    model.eval()
+    with torch.no_grad():
+        model(probe)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_similarity_equals_cka_with_a_copy_of_the_pretrained_model_and_keeps_no_copy():
+    """The logged values are those of the pre-trained model (a deep copy taken here, independently) against
+    the trained one; the callback holds only probe-sized summaries, not a copy of the model."""
+    import copy
+
+    torch.manual_seed(0)
+    model, data = TinyClassifier(lr=0.5, norm=False), TinyDataModule()
+    pretrained = copy.deepcopy(model)
+    cb = RepresentationSimilarity(probe_size=24, measures=["cka", "overlap"], k=4)
+    quiet_trainer(max_epochs=3, callbacks=[cb], limit_val_batches=None).fit(model, datamodule=data)
+    probe = torch.cat([x for x, _ in data.val_dataloader()])[:24]
+    names = ["backbone.0", "backbone.1", "head"]
+    before, after = _probe_features(pretrained, probe, names), _probe_features(model, probe, names)
+    for n in names:
+        assert cb.history[f"cka/{n}"][-1] == pytest.approx(float(linear_cka(after[n], before[n])), abs=1e-6)
+        assert cb.history[f"overlap/{n}"][-1] == pytest.approx(float(neighbourhood_overlap(after[n], before[n], 4)))
+    assert cb.history["cka/head"][-1] < 0.999  # it trained
+    held = [t for blocks in cb._reference.values() for t in blocks.values()]
+    assert all(isinstance(t, torch.Tensor) and t.shape[0] == 24 and t.numel() <= 24 * 24 for t in held)
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(cb).values())
+
+
+def test_similarity_resumed_compares_with_the_pretrained_model_not_the_resumed_weights(tmp_path):
+    """A resume into a model built with another seed logs the uninterrupted run's history: the pre-trained
+    summaries come from the checkpoint (the weights restored before on_fit_start are not pre-trained)."""
+    def run(callbacks, seed=0, ckpt_path=None, **kw):
+        trainer = quiet_trainer(max_epochs=4, callbacks=callbacks, limit_val_batches=None, **kw)
+        trainer.fit(TinyClassifier(lr=0.5, norm=False, seed=seed), datamodule=TinyDataModule(), ckpt_path=ckpt_path)
+        return trainer
+
+    full = RepresentationSimilarity(probe_size=24, measures=["cka", "overlap"], k=4)
+    run([full])
+    first = RepresentationSimilarity(probe_size=24, measures=["cka", "overlap"], k=4)
+    t1 = run([first, StopAfter(2)], default_root_dir=tmp_path, enable_checkpointing=True)
+    resumed = RepresentationSimilarity(probe_size=24, measures=["cka", "overlap"], k=4)
+    run([resumed], seed=123, ckpt_path=t1.checkpoint_callback.best_model_path)  # another init: all from the checkpoint
+    assert resumed.epochs == full.epochs == [0, 1, 2, 3]
+    for key, values in full.history.items():
+        assert resumed.history[key] == pytest.approx(values, abs=1e-6), key
+    assert full.history["cka/head"][-1] < 0.999
+    # a checkpoint of an earlier version (no summaries) is refused with the way out
+    with pytest.raises(ValueError, match="earlier version.*Resume without RepresentationSimilarity"):
+        RepresentationSimilarity().load_state_dict({"history": {}, "epochs": []})
 
 
 def test_similarity_bad_input():

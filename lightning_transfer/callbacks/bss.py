@@ -33,6 +33,9 @@ class BSS(Callback):
     Lightning scales the loss (``1/accumulate_grad_batches``, a GradScaler's scale): the result equals the
     penalty in the loss of every micro-batch, without a second backward. Under DDP each rank penalizes its
     own batch, as the penalty in each rank's loss would; under FSDP2 the features are plain activations.
+    A head that runs on every token (``(batch, tokens, hidden)`` inputs: decoder LMs' ``score`` layer, whose
+    logits the model pools at the last real token afterwards) is refused at the first forward: the
+    method's matrix is one feature vector per example, and flattening tokens would count padding.
 
     Args:
         eta: Strength ``η`` (the paper and tllib: 0.001).
@@ -92,6 +95,11 @@ class BSS(Callback):
         f = args[0]
         if not isinstance(f, Tensor) or f.ndim < 2 or not f.requires_grad:  # frozen backbone: nothing to shrink
             return
+        if f.ndim == 3:
+            raise ValueError(f"BSS needs one feature vector per example at the head, but the head gets shape "
+                             f"{tuple(f.shape)} (batch, tokens, hidden): a per-token head, such as a decoder LM's "
+                             "score layer, whose logits the model pools afterwards. Pass head= a module that runs "
+                             "on pooled features, or use another regularizer (L2SP, DELTA) on this model.")
         value, grad = bss_penalty_grad(f.detach(), self.eta, self.k)
         self._module.log("bss/penalty", value, on_step=True, on_epoch=False)
         add_gradient_hooks([f], [grad], lambda: loss_factor(self._trainer), lambda: None)

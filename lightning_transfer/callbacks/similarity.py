@@ -21,8 +21,14 @@ from lightning_transfer.batches import (
     slice_inputs,
     val_loader_of,
 )
-from lightning_transfer.compilation import eager, reference_copy
-from lightning_transfer.functional.similarity import block_features, linear_cka, neighbourhood_overlap
+from lightning_transfer.compilation import eager
+from lightning_transfer.functional.similarity import (
+    block_features,
+    centred_gram,
+    linear_cka_of_grams,
+    nearest_neighbours,
+    overlap_of_neighbours,
+)
 from lightning_transfer.validation import (
     check_choice,
     check_int,
@@ -39,11 +45,16 @@ _OWNER = "RepresentationSimilarity"
 class RepresentationSimilarity(Callback):
     """Linear CKA (and optionally neighbourhood overlap) of each block's output with the pre-trained model.
 
-    At fit start a frozen copy of the model and a fixed probe (the first ``probe_size`` inputs of the
-    validation loader that fit uses: loaders passed to ``trainer.fit``, the DataModule's or the module's
-    ``val_dataloader``; the first one when there are several) are kept. At every validation epoch end
-    both models run on the probe, batch by batch, and one value per block is logged as ``cka/<block>``
-    (``overlap/<block>``). The history is kept and, with ``heatmap``, saved as a blocks × epochs PNG when
+    At fit start a fixed probe is taken (the first ``probe_size`` inputs of the validation loader that fit
+    uses: loaders passed to ``trainer.fit``, the DataModule's or the module's ``val_dataloader``; the first
+    one when there are several), the model runs on it once in eval mode, and what each measure needs of
+    the pre-trained side is kept: per block, the ``probe_size`` × ``probe_size`` centred Gram matrix (CKA)
+    and the ``k`` nearest neighbours of each input (overlap). No copy of the model is kept, so the cost
+    does not grow with the model, and under FSDP2 (``ModelParallelStrategy``) the probe runs through the
+    sharded model itself (every rank on the same probe). These summaries are saved in the checkpoint: a
+    resumed fit compares with the pre-trained model, not with the weights it resumed from. At every
+    validation epoch end the model runs on the probe again, batch by batch, and one value per block is
+    logged as ``cka/<block>`` (``overlap/<block>``). The history is kept and, with ``heatmap``, saved as a blocks × epochs PNG when
     fit ends (needs matplotlib).
 
     Batches may be ``(x, y)`` tuples or dicts (Hugging Face: the model gets the inputs without the
@@ -102,7 +113,7 @@ class RepresentationSimilarity(Callback):
         self.heatmap = check_optional_str(_OWNER, "heatmap", heatmap)
         self.history: dict[str, list[float]] = {}
         self.epochs: list[int] = []
-        self._reference: nn.Module | None = None
+        self._reference: dict[str, dict[str, Tensor]] = {}  # measure -> block -> Gram (cka) / neighbours (overlap)
         self._probe: list[Any] = []
         self._names: list[str] = []
         self._outputs: dict[str, str] = {}
@@ -111,12 +122,11 @@ class RepresentationSimilarity(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer, _OWNER, reason="it keeps a full, unsharded reference copy of the model to compare "
-                       "representations with, and a sharded reference is not implemented")
-        self.history, self.epochs = {}, []  # a new fit (a resume restores them after setup)
+        check_strategy(trainer, _OWNER, sharded=True)
+        self.history, self.epochs, self._reference = {}, [], {}  # a new fit (a resume restores them)
         blocks = list_blocks(pl_module, self.blocks)
         self._names = [n for n, _ in blocks]
-        # the reference copy is found by these module names (its own heads are frozen: no detection there)
+        # the probe's hooks find each block's output module by name (FSDP2's configure_model keeps the names)
         where = {id(m): n for n, m in pl_module.named_modules()}
         self._outputs = {n: where[id(block_output_module(b))] for n, b in blocks}
         if self.heatmap is not None:
@@ -145,7 +155,26 @@ class RepresentationSimilarity(Callback):
         if count < needed:
             raise ValueError(f"{_OWNER} needs at least {needed} validation inputs for its probe, and the validation "
                              f"loader holds {count}. Use more validation data, or lower k.")
-        self._reference = reference_copy(pl_module).eval().requires_grad_(False)
+        if not self._reference:  # a resume restored it already (under FSDP2 it is restored after this hook)
+            self._reference = self._summaries(self._features_in_eval(pl_module))
+
+    def _summaries(self, features: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """What each measure needs of one side: centred Grams (CKA), neighbour indices (overlap)."""
+        summaries: dict[str, dict[str, Tensor]] = {}
+        for measure in self.measures:
+            fn = centred_gram if measure == "cka" else (lambda f: nearest_neighbours(f, self.k))
+            summaries[measure] = {name: fn(features[name]) for name in self._names}
+        return summaries
+
+    def _features_in_eval(self, pl_module: LightningModule) -> dict[str, Tensor]:
+        modes = [(m, m.training) for m in pl_module.modules()]  # restored module by module (frozen BN stays eval)
+        pl_module.eval()
+        try:
+            with eager():  # the probe's hooks live for one pass: compiled graphs would skip them
+                return self._features(pl_module)
+        finally:
+            for module, mode in modes:
+                module.training = mode
 
     def _features(self, model: nn.Module) -> dict[str, Tensor]:
         """Each block's ``(probe_size, d)`` features (see :func:`block_features`)."""
@@ -175,21 +204,14 @@ class RepresentationSimilarity(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or self._reference is None:
+        if trainer.sanity_checking or not self._reference:
             return
-        modes = [(m, m.training) for m in pl_module.modules()]  # restored module by module (frozen BN stays eval)
-        pl_module.eval()
-        try:
-            with eager():  # the probe's hooks live for one pass: compiled graphs would skip them
-                live, ref = self._features(pl_module), self._features(self._reference)
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        live = self._summaries(self._features_in_eval(pl_module))
         self.epochs.append(trainer.current_epoch)
         for name in self._names:
             for measure in self.measures:
-                fn = linear_cka if measure == "cka" else (lambda a, b: neighbourhood_overlap(a, b, self.k))
-                value = float(fn(live[name], ref[name]))
+                fn = linear_cka_of_grams if measure == "cka" else overlap_of_neighbours
+                value = float(fn(live[measure][name], self._reference[measure][name].to(live[measure][name].device)))
                 self.history.setdefault(f"{measure}/{name}", []).append(value)
                 pl_module.log(f"{measure}/{name}", value, on_step=False, on_epoch=True, sync_dist=False)
 
@@ -200,11 +222,22 @@ class RepresentationSimilarity(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "epochs": self.epochs}
+        reference = {m: {n: t.cpu() for n, t in blocks.items()} for m, blocks in self._reference.items()}
+        return {"history": self.history, "epochs": self.epochs, "reference": reference}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history, self.epochs = dict(state_dict["history"]), list(state_dict["epochs"])
+        if "reference" not in state_dict:
+            raise ValueError(f"{_OWNER}: this checkpoint was written by an earlier version, which kept no summary of "
+                             "the pre-trained model, and the resumed weights are not pre-trained any more. Resume "
+                             f"without {_OWNER} (add it to a new fit from the pre-trained weights to measure).")
+        reference = state_dict["reference"]
+        missing = [f"{m}/{n}" for m in self.measures for n in self._names if n not in reference.get(m, {})]
+        if missing:
+            raise ValueError(f"{_OWNER}: the checkpoint has no pre-trained summary for {missing[:4]}: it was written "
+                             "with other blocks= or measures=. Resume with the same arguments.")
+        self._reference = {m: dict(blocks) for m, blocks in reference.items()}
 
 
 @rank_zero_only

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["block_features", "linear_cka", "neighbourhood_overlap"]
+__all__ = [
+    "block_features",
+    "centred_gram",
+    "linear_cka",
+    "linear_cka_of_grams",
+    "nearest_neighbours",
+    "neighbourhood_overlap",
+    "overlap_of_neighbours",
+]
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -61,11 +69,30 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"CKA needs the same examples: {x.shape[0]} vs {y.shape[0]} rows.")
+    return linear_cka_of_grams(centred_gram(x), centred_gram(y))
+
+
+def centred_gram(x: Tensor) -> Tensor:
+    """The ``(n, n)`` float64 Gram matrix ``HKH`` of ``x`` (n, ...) with centred features: all that linear CKA
+    needs of one side, so a fixed reference is kept as this instead of its features or its model.
+
+    Example::
+
+        >>> g = centred_gram(torch.randn(6, 3))
+        >>> g.shape, bool(torch.allclose(g.sum(0), torch.zeros(6, dtype=g.dtype), atol=1e-9))
+        (torch.Size([6, 6]), True)
+    """
     if x.shape[0] < 2:
         raise ValueError("CKA needs at least 2 examples.")
-    k, l_ = _flat(x), _flat(y)
-    k, l_ = k - k.mean(0, keepdim=True), l_ - l_.mean(0, keepdim=True)  # centring the features centres the Gram
-    gk, gl = k @ k.T, l_ @ l_.T
+    k = _flat(x)
+    k = k - k.mean(0, keepdim=True)  # centring the features centres the Gram
+    return k @ k.T
+
+
+def linear_cka_of_grams(gk: Tensor, gl: Tensor) -> Tensor:
+    """Linear CKA from two centred Gram matrices (:func:`centred_gram`) of the same n examples."""
+    if gk.shape != gl.shape:
+        raise ValueError(f"CKA needs the same examples: Gram matrices {tuple(gk.shape)} vs {tuple(gl.shape)}.")
     hsic = (gk * gl).sum()
     denom = gk.norm() * gl.norm()
     return (hsic / denom).float() if denom > 0 else torch.zeros((), dtype=torch.float32)
@@ -77,17 +104,24 @@ def neighbourhood_overlap(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     The measure of Doimo et al. (2020) used by the layer-defrosting paper: 1 when both spaces have the
     same neighbourhoods, about ``k/(n-1)`` for unrelated ones.
     """
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"neighbourhood_overlap needs the same examples: {x.shape[0]} vs {y.shape[0]} rows.")
+    return overlap_of_neighbours(nearest_neighbours(x, k), nearest_neighbours(y, k))
+
+
+def nearest_neighbours(x: Tensor, k: int) -> Tensor:
+    """The ``(n, k)`` indices of each example's ``k`` nearest other examples in ``x`` (Euclidean, float64)."""
     n = x.shape[0]
-    if y.shape[0] != n:
-        raise ValueError(f"neighbourhood_overlap needs the same examples: {n} vs {y.shape[0]} rows.")
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}], got {k}.")
+    d = torch.cdist(_flat(x), _flat(x))
+    d.fill_diagonal_(float("inf"))
+    return d.topk(k, largest=False).indices
 
-    def knn(z: Tensor) -> Tensor:
-        d = torch.cdist(_flat(z), _flat(z))
-        d.fill_diagonal_(float("inf"))
-        return d.topk(k, largest=False).indices
 
-    a, b = knn(x), knn(y)
+def overlap_of_neighbours(a: Tensor, b: Tensor) -> Tensor:
+    """The mean fraction of shared neighbours between two ``(n, k)`` index sets (:func:`nearest_neighbours`)."""
+    if a.shape != b.shape:
+        raise ValueError(f"neighbourhood_overlap needs the same examples and k: {tuple(a.shape)} vs {tuple(b.shape)}.")
     shared = (a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum(1)
-    return (shared.float() / k).mean()
+    return (shared.float() / a.shape[1]).mean()

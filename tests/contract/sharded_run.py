@@ -29,7 +29,14 @@ from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
-from lightning_transfer import DTNH, L2SP, FeatureMapRegularization, FreezeSchedule, MaxEntropyHeadInit  # noqa: E402
+from lightning_transfer import (  # noqa: E402
+    DTNH,
+    L2SP,
+    FeatureMapRegularization,
+    FreezeSchedule,
+    MaxEntropyHeadInit,
+    RepresentationSimilarity,
+)
 from lightning_transfer.callbacks.weight_space import WeightSpaceSelection  # noqa: E402
 from lightning_transfer.functional import save_fisher  # noqa: E402
 from lightning_transfer.functional.sharding import fully_shard_linears, local  # noqa: E402
@@ -136,6 +143,11 @@ def _fit(entry: Entry, seed: int = 0, callbacks=(), **kwargs) -> tuple[Trainer, 
     return Trainer(**args), model
 
 
+def _histories(trainer: Trainer) -> list[dict[str, list[float]]]:
+    """RepresentationSimilarity's per-epoch values (a resumed run holds the whole history, restored)."""
+    return [dict(cb.history) for cb in trainer.callbacks if isinstance(cb, RepresentationSimilarity)]
+
+
 def _full(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
             for n, p in model.named_parameters()}
@@ -157,7 +169,8 @@ def run_rejected(folder: Path, name: str, entry: Entry) -> Trainer:
 def run(folder: Path, name: str, entry: Entry, resume: bool) -> Trainer:
     trainer, model = _fit(entry)
     trainer.fit(model)
-    result = {"params": _full(model), "anchors": [], "w0": [], "reference": [], "metrics": _metrics(trainer)}
+    result = {"params": _full(model), "anchors": [], "w0": [], "reference": [], "metrics": _metrics(trainer),
+              "history": _histories(trainer)}
     for cb in trainer.callbacks:
         if isinstance(cb, WeightSpaceSelection):  # WiSEFT, LiNeS: their own copies of w0
             result["w0"].append({"local": sum(t.numel() for t in cb._own.values()),
@@ -181,7 +194,7 @@ def run(folder: Path, name: str, entry: Entry, resume: bool) -> Trainer:
         t1.fit(first)
         t2, resumed = _fit(entry, seed=123)  # a different init: everything must come from the checkpoint
         t2.fit(resumed, ckpt_path=str(ckpt_dir / "last.ckpt"))
-        result["resumed"] = _full(resumed)
+        result["resumed"], result["resumed_history"] = _full(resumed), _histories(t2)
     if trainer.global_rank == 0:
         torch.save(result, folder / f"{name}.pt")
     return trainer

@@ -4,9 +4,10 @@ Every callback entry of the registry, and every combination of supported callbac
 full parameters as a single-process run on the same global batches, and a run resumed from its
 distributed checkpoint ends equal to the uninterrupted one (WiSEFT and LiNeS: the same curve, the same
 chosen ``a``, the same final parameters). FeatureMapRegularization (DELTA) keeps its reference copy
-sharded as the live model (1/N of it per rank); RepresentationSimilarity, which needs a full reference
-copy, and DELTA under DTNH (a second autograd pass) are rejected at setup; FSDP1 and DeepSpeed are
-rejected for every callback by the one shared strategy check.
+sharded as the live model (1/N of it per rank); RepresentationSimilarity keeps no copy (the pre-trained
+side's Gram matrices and neighbours, from the sharded forward) and logs what one process logs; DELTA
+under DTNH (a second autograd pass) is rejected at setup; FSDP1 and DeepSpeed are rejected for every
+callback by the one shared strategy check.
 
 All sharded fits run in one 2-process launch (tests/contract/sharded_run.py); the single-process
 references run here.
@@ -41,16 +42,13 @@ from tests.contract.sharded_run import entries, extra_entries, reference
 from tests.helpers import TinyClassifier, assert_params_close, launch_env
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-UNSHARDED = (RepresentationSimilarity,)  # needs a full reference copy of the model
-
-
 def _delta_under_dtnh(callbacks) -> bool:
     return any(isinstance(cb, FeatureMapRegularization) for cb in callbacks) and any(isinstance(cb, DTNH) for cb in callbacks)
 
 
 def _supported(name: str) -> bool:
     callbacks = REGISTRY[name].make(Model())
-    return not any(isinstance(cb, UNSHARDED) for cb in callbacks) and not _delta_under_dtnh(callbacks)
+    return not _delta_under_dtnh(callbacks)
 
 
 SUPPORTED = [n for n in REGISTRY if _supported(n)]
@@ -94,6 +92,21 @@ def test_fsdp2_equals_single_process(name, sharded):
 def test_fsdp2_resume_from_distributed_checkpoint_equals_uninterrupted(name, sharded):
     _, results = sharded
     assert_params_close(results[name]["resumed"], results[name]["params"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_similarity_history_survives_a_resume(sharded):
+    """RepresentationSimilarity under FSDP2: the checkpoint is restored after on_fit_start there, so the summaries
+    of the pre-trained side must come from it; every epoch's values equal the uninterrupted run's."""
+    _, results = sharded
+    names = [n for n in NAMES if results[n]["history"]]
+    assert {"RepresentationSimilarity", "FreezeSchedule+RepresentationSimilarity"} <= set(names)
+    for name in names:
+        (full,), (resumed,) = results[name]["history"], results[name]["resumed_history"]
+        assert full.keys() == resumed.keys() and any(k.startswith("cka/") for k in full), name
+        for key, values in full.items():
+            assert len(values) == REGISTRY[name].max_epochs and resumed[key] == pytest.approx(values, abs=1e-6), key
+        assert min(full["cka/head"]) < 0.999, name  # it trained: a comparison with itself would give 1
 
 
 @pytest.mark.slow
@@ -149,7 +162,7 @@ def test_rejected_callbacks_fail_at_setup_of_a_real_fsdp2_run(name, sharded):
     _, results = sharded
     error = results[name]["error"]
     assert error is not None and "does not support sharded training (ModelParallelStrategy / FSDP2)" in error
-    assert "reference copy" in error or "full copies" in error or "DTNH needs DELTA's gradient apart" in error
+    assert "DTNH needs DELTA's gradient apart" in error
     assert "on a single device or DDP" in error or "Use a single device or DDP" in error
     assert results[name]["global_step"] == 0
 
@@ -166,17 +179,13 @@ def _fsdp2():
 
 
 @pytest.mark.parametrize("name", REJECTED)
-def test_callbacks_needing_a_reference_copy_are_rejected_under_fsdp2(name):
+def test_delta_under_dtnh_is_rejected_under_fsdp2(name):
     callbacks = REGISTRY[name].make(Model())
-    for cb in [cb for cb in callbacks if isinstance(cb, UNSHARDED)]:
-        with pytest.raises(ValueError, match=rf"{type(cb).__name__} does not support sharded training .*(reference copy|full copies)"):
-            cb.setup(_stub(_fsdp2()), TinyClassifier(), "fit")
-    if _delta_under_dtnh(callbacks):
-        stub = _stub(_fsdp2())
-        stub.callbacks = callbacks
-        delta = next(cb for cb in callbacks if isinstance(cb, FeatureMapRegularization))
-        with pytest.raises(ValueError, match="with DTNH does not support sharded training .*second autograd pass"):
-            delta.setup(stub, TinyClassifier(), "fit")
+    stub = _stub(_fsdp2())
+    stub.callbacks = callbacks
+    delta = next(cb for cb in callbacks if isinstance(cb, FeatureMapRegularization))
+    with pytest.raises(ValueError, match="with DTNH does not support sharded training .*second autograd pass"):
+        delta.setup(stub, TinyClassifier(), "fit")
 
 
 def test_delta_rejects_a_model_sharded_or_on_the_meta_device_at_setup():

@@ -37,6 +37,8 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
     # Co-Tuning feeds the new head's input to the source head: Llama's score layer runs on every token, and
     # which token's logits the model pools is the model's own affair
     ("hf_llama", "CoTuning"): r"CoTuning needs \(batch, features\) head inputs",
+    # BSS's matrix is one feature vector per example: Llama's per-token score inputs would count padding
+    ("hf_llama", "BSS"): r"BSS needs one feature vector per example .*per-token head",
 }
 CASES = [(f, n) for f in FAMILIES for n in ENTRIES if (f, n) not in UNSUPPORTED]
 
