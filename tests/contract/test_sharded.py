@@ -122,7 +122,8 @@ def test_l2sp_anchor_memory_per_rank_is_one_over_n(sharded):
 @pytest.mark.slow
 def test_delta_reference_is_sharded_as_the_live_model_half_per_rank(sharded):
     """DELTA's reference copy under FSDP2: DTensors whose local shards are 1/2 of the full copy on 2 ranks
-    (TinyClassifier's backbone: 1568 fp32 parameters, 3136 bytes per rank; benchmarks/results/sharded_cpu.md)."""
+    (TinyClassifier's backbone: 1568 fp32 parameters, 3136 bytes per rank; the same 1/2 at width 1024 in
+    benchmarks/results/sharded_cpu.md)."""
     out, results = sharded
     names = [n for n in NAMES if any(isinstance(cb, FeatureMapRegularization) for cb in entries(out)[n].make(Model()))]
     assert {"FeatureMapRegularization", "FeatureMapRegularization-attention", "DELTA+LP-FT"} <= set(names)
