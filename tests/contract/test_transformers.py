@@ -1,11 +1,12 @@
-"""The contract on transformers (issues #16, #23): every callback of SINGLE, and layer decay, on six families.
+"""The contract on transformers (issues #16, #23): every callback of SINGLE, and layer decay, on seven families.
 
 Each family (tests/contract/transformer_models.py: Hugging Face BERT on padded token dicts, a Hugging Face
-Llama decoder on left-padded token dicts, peft LoRA on that BERT, Hugging Face ViT, timm ViT, torchvision
+Llama decoder on left-padded token dicts, peft LoRA on that BERT and on that Llama, Hugging Face ViT, timm ViT, torchvision
 Swin) trains inside the library's ``TransferClassifier``. Columns: (1) the callback's visible effect and
 a finite, changed model whose frozen parameters (peft's base) never moved; (2) resume equals uninterrupted;
 (3) accumulation (8x2) equals the full batch (16); (4) bf16-mixed keeps the update; (5) state_dict round
-trip. The callback combinations and the multi-process column run on BERT (test_transformer_combinations.py).
+trip. The callback combinations run on BERT, the multi-process columns on BERT, Llama and both LoRA families
+(test_transformer_combinations.py).
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
     ("hf_llama", "CoTuning"): r"CoTuning needs \(batch, features\) head inputs",
     # BSS's matrix is one feature vector per example: Llama's per-token score inputs would count padding
     ("hf_llama", "BSS"): r"BSS needs one feature vector per example .*per-token head",
+    # the same for the LoRA-wrapped Llama: its score head (the modules_to_save copy) runs on every token too
+    ("peft_lora_llama", "CoTuning"): r"CoTuning needs \(batch, features\) head inputs",
+    ("peft_lora_llama", "BSS"): r"BSS needs one feature vector per example .*per-token head",
 }
+PEFT = ("peft_lora_bert", "peft_lora_llama")  # the families whose base weights are frozen before fit
 CASES = [(f, n) for f in FAMILIES for n in ENTRIES if (f, n) not in UNSUPPORTED]
 
 
@@ -126,10 +131,10 @@ def test_behaviour(family, name):
     # what the model holds frozen before fit (peft's base weights and its original_module head) never moves:
     # not in a step, nor by a callback acting at epoch or fit boundaries (RIFLE, MEI, WiSE-FT, FreezeSchedule)
     held = {n for n, p in _module(family, name).named_parameters() if not p.requires_grad}
-    assert bool(held) == (family == "peft_lora_bert")
+    assert bool(held) == (family in PEFT)
     assert all(torch.equal(watch.start[n], end[n]) for n in held), sorted(n for n in held if not torch.equal(
         watch.start[n], end[n]))[:5]
-    if family == "peft_lora_bert":  # and the adapter trains: its lora_B factors (zero at the start) moved
+    if family in PEFT:  # and the adapter trains: its lora_B factors (zero at the start) moved
         assert any(not torch.equal(watch.start[n], end[n]) for n in end if ".lora_B." in n)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics

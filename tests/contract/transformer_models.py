@@ -1,11 +1,12 @@
 """The contract suite's transformer families: tiny random-initialized models inside ``TransferClassifier``.
 
-Six families. Issue #16: a Hugging Face BERT on token ids (dict batches with padding), a Hugging Face
+Seven families. Issue #16: a Hugging Face BERT on token ids (dict batches with padding), a Hugging Face
 ViT, a timm ViT and a torchvision Swin on 3x32x32 float images. Issue #23: a Hugging Face Llama decoder
 with a sequence-classification head on LEFT-padded token dicts (the decoder convention), and the same
 tiny BERT wrapped by peft (``get_peft_model``, LoRA on query/value, the classifier in
-``modules_to_save``) on right-padded token dicts. Each is built from a small config (the builders of
-tests/test_anatomy.py; nothing is downloaded), with dropout and stochastic depth off so that runs are
+``modules_to_save``) on right-padded token dicts; and the tiny Llama wrapped by peft the same way (LoRA
+on q_proj/v_proj, the score head in ``modules_to_save``) on left-padded token dicts. Each is built from
+a small config (the builders of tests/test_anatomy.py; nothing is downloaded), with dropout and stochastic depth off so that runs are
 deterministic and gradient accumulation is exact. The data are learnable rules served by a
 :class:`FamilyData` data module (``shuffle=False``: a resumed run sees the same batches).
 """
@@ -57,6 +58,16 @@ def _lora_bert() -> nn.Module:
     return peft.get_peft_model(_hf("BertForSequenceClassification", "BertConfig", **BERT)(), config)
 
 
+def _lora_llama() -> nn.Module:
+    """The hf_llama family's tiny Llama (non-zero pad embedding) wrapped by peft: LoRA r=4 on q_proj/v_proj, the
+    score head trained in full (``modules_to_save``)."""
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                             modules_to_save=["score"])
+    return peft.get_peft_model(_llama(), config)
+
+
 def no_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout and stochastic-depth probability of ``model`` to 0 (deterministic training)."""
     for module in model.modules():
@@ -92,6 +103,11 @@ FAMILIES: dict[str, Family] = {
         _lora_bert, text=True, channels=(16, 16),
         model=Model(f"{LORA_PREFIX}classifier.modules_to_save.default",
                     (f"{LORA_PREFIX}bert.encoder.layer.0", f"{LORA_PREFIX}bert.encoder.layer.1"))),
+    # the LoRA decoder: hf_llama's model wrapped by peft, LEFT padding, the score head the modules_to_save copy
+    "peft_lora_llama": Family(
+        _lora_llama, text=True, channels=(32, 32), padding="left",
+        model=Model(f"{LORA_PREFIX}score.modules_to_save.default",
+                    (f"{LORA_PREFIX}model.layers.0", f"{LORA_PREFIX}model.layers.1"))),
     "hf_vit": Family(
         _hf("ViTForImageClassification", "ViTConfig", image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
             num_attention_heads=2, intermediate_size=32, **NO_DROPOUT),
