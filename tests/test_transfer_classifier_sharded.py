@@ -47,6 +47,9 @@ def expected_units(model: TransferClassifier) -> list[str]:
         units += [f"backbone.{p}" for p in parts if f"backbone.{p}" in names]  # a group's loose parameters: the root's
     return units
 
+# one worker runs this module under `-n 2` (pyproject: --dist loadgroup): its module-scoped 2-rank launch runs
+# once, not once per worker that receives some of its tests
+pytestmark = pytest.mark.xdist_group("transfer_classifier_fsdp2_launch")
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):

@@ -56,6 +56,9 @@ REJECTED = [n for n in REGISTRY if not _supported(n)]
 EXTRA = list(extra_entries(Path(".")))  # other norms, Fisher, fused, uneven shards, a user-frozen parameter
 NAMES = SUPPORTED + EXTRA
 
+# one worker runs this module under `-n 2` (pyproject: --dist loadgroup): its module-scoped 2-rank launch runs
+# once, not once per worker that receives some of its tests
+pytestmark = pytest.mark.xdist_group("fsdp2_contract_launch")
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
