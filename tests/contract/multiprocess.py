@@ -10,8 +10,25 @@ launched: a rank still writing its results, or one that failed on the way out, w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
+
+
+def record_refusal(trainer: Trainer, fit: Callable[[], None], path: Path) -> Trainer:
+    """Run ``fit`` (expected to fail at setup with a ValueError); rank 0 saves the error (None if it trained)
+    and the step reached to ``path``."""
+    try:
+        fit()
+        error = None
+    except ValueError as err:
+        error = str(err)
+    if trainer.global_rank == 0:
+        torch.save({"error": error, "global_step": trainer.global_step}, path)
+    return trainer
 
 
 def finish(*trainers: Trainer, timeout: float = 120.0) -> None:

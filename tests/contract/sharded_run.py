@@ -40,7 +40,7 @@ from lightning_transfer import (  # noqa: E402
 from lightning_transfer.callbacks.weight_space import WeightSpaceSelection  # noqa: E402
 from lightning_transfer.functional import save_fisher  # noqa: E402
 from lightning_transfer.functional.sharding import fully_shard_linears, local  # noqa: E402
-from tests.contract.multiprocess import finish  # noqa: E402
+from tests.contract.multiprocess import finish, record_refusal  # noqa: E402
 from tests.contract.registry import REGISTRY, Entry, Model  # noqa: E402
 from tests.helpers import StopAfter, TinyClassifier, make_data, quiet_trainer  # noqa: E402
 
@@ -156,14 +156,7 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
 def run_rejected(folder: Path, name: str, entry: Entry) -> Trainer:
     """An entry expected to fail at setup: rank 0 records the error and how many steps ran."""
     trainer, model = _fit(entry)
-    try:
-        trainer.fit(model)
-        error = None
-    except ValueError as err:
-        error = str(err)
-    if trainer.global_rank == 0:
-        torch.save({"error": error, "global_step": trainer.global_step}, folder / f"{name}.pt")
-    return trainer
+    return record_refusal(trainer, lambda: trainer.fit(model), folder / f"{name}.pt")
 
 
 def run(folder: Path, name: str, entry: Entry, resume: bool) -> Trainer:

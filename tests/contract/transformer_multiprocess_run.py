@@ -32,7 +32,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from lightning_transfer import TransferClassifier  # noqa: E402
 from lightning_transfer.functional.sharding import fully_shard_linears  # noqa: E402
-from tests.contract.multiprocess import finish  # noqa: E402
+from tests.contract.multiprocess import finish, record_refusal  # noqa: E402
 from tests.contract.registry import REGISTRY  # noqa: E402
 from tests.contract.transformer_models import FAMILIES, FamilyData, build, lr_for  # noqa: E402
 from tests.helpers import params_of, quiet_trainer  # noqa: E402
@@ -94,14 +94,8 @@ def run(kind: str, out: Path, name: str, family: str = FAMILY, blocks: bool = Fa
                             use_distributed_sampler=False, deterministic=False, log_every_n_steps=1,
                             callbacks=entry.make(FAMILIES[family].model), **entry.trainer)
     if refused:
-        try:
-            trainer.fit(model, datamodule=ShardedData(family, batch_size=8))
-            error = None
-        except ValueError as err:
-            error = str(err)
-        if trainer.global_rank == 0:
-            torch.save({"error": error, "global_step": trainer.global_step}, out / f"{name}-refused.pt")
-        return trainer
+        return record_refusal(trainer, lambda: trainer.fit(model, datamodule=ShardedData(family, batch_size=8)),
+                              out / f"{name}-refused.pt")
     trainer.fit(model, datamodule=ShardedData(family, batch_size=8))
     state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
              for n, p in model.named_parameters()}
