@@ -9,7 +9,9 @@ and the spread (min–max). Floors, as ratios to plain: L2SP 1 + 4 passes over t
 write g), decoupled 1 + 3 passes, DTNH+L2SP 1 + 7 passes (the projection reads g and r twice and writes g;
 r is made from w and w0 on the way), DELTA 1 + one no-grad forward of the reference model, DTNH+DELTA also
 a backward from the regularized layers (DTNH needs r apart) and 5 passes; RIFLE and MEI 1 (they do nothing
-per step). A pass is timed on the model's parameters (see overhead_kernels.py). Separate fits still carry the
+per step); SPD 1 + 8 passes (its two halves around the optimizer step); BSS 1 + one SVD of the batch's head
+features and its gradient; Co-Tuning 1 + the source head's forward and backward on those features; StochNorm 1
+(a per-channel choice between two statistics the layer has anyway). A pass is timed on the model's parameters (see overhead_kernels.py). Separate fits still carry the
 machine's drift between them; the per-step variants are therefore also measured step against step, their
 work switched on every other step of one fit (overhead_paired.py), and the summary gives those ratios.
 
@@ -17,6 +19,7 @@ work switched on every other step of one fit (overhead_paired.py), and the summa
     python benchmarks/overhead.py --models resnet18 --rounds 7
     python benchmarks/overhead.py --device cuda --precision bf16-mixed --out benchmarks/results/overhead_gpu_h200_bf16.md
     python benchmarks/overhead.py --device cuda --precision 16-mixed --optimizer adamw-fused
+    python benchmarks/overhead.py --models resnet18,lite0 --variants plain,SPD,BSS,Co-Tuning,StochNorm
     python benchmarks/overhead.py --quick                # smoke run (the test suite runs it)
 """
 
@@ -42,19 +45,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from overhead_kernels import bench_kernels  # noqa: E402
 from overhead_paired import bench_paired  # noqa: E402
+from overhead_validation import _ratio_row, bench_validation  # noqa: E402
 
 from lightning_transfer import (  # noqa: E402
+    BSS,
     DTNH,
     L2SP,
     RIFLE,
+    SPD,
+    CoTuning,
     FeatureMapRegularization,
     FreezeSchedule,
     MaxEntropyHeadInit,
-    RepresentationSimilarity,
+    StochNorm,
     TransferClassifier,
-    WiSEFT,
     list_blocks,
 )
+from lightning_transfer.anatomy import find_head  # noqa: E402
+from lightning_transfer.functional.bss import bss_penalty_grad  # noqa: E402
 
 MODELS = {"resnet18": "torchvision:resnet18", "lite0": "efficientnet_lite0", "resnet50": "torchvision:resnet50",
           "vit": "timm vit_tiny_patch16_224, patch 8"}
@@ -96,10 +104,18 @@ def delta_layers(model) -> list[str]:
     return [_module_name(model, blocks[(len(blocks) - 1) // 2]), _module_name(model, blocks[len(blocks) - 2])]
 
 
-def variants(model: TransferClassifier, steps: int) -> dict[str, callable]:
+def head_width(model) -> int:
+    """The number of features the new head reads (Co-Tuning's source head is a Linear from them)."""
+    head = find_head(model)[1]
+    linear = head if isinstance(head, torch.nn.Linear) else [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    return linear.in_features
+
+
+def variants(model: TransferClassifier, steps: int, only: list[str] | None = None) -> dict[str, callable]:
     depth_all = len(list_blocks(model)) - 1
     layers = delta_layers(model)
-    return {
+    width = head_width(model)
+    table = {
         "plain": lambda: [],
         "L2SP": lambda: [L2SP(alpha=0.01)],
         "L2SP decoupled": lambda: [L2SP(alpha=0.01, decoupled=True)],
@@ -110,7 +126,17 @@ def variants(model: TransferClassifier, steps: int) -> dict[str, callable]:
         "MEI": lambda: [MaxEntropyHeadInit()],
         "FreezeSchedule, half the blocks": lambda: [FreezeSchedule(depth=depth_all // 2)],
         "FreezeSchedule, all but the head": lambda: [FreezeSchedule(depth=depth_all)],
+        "SPD": lambda: [SPD(lam=1.0)],
+        "BSS": lambda: [BSS(eta=0.001, k=1)],
+        "Co-Tuning": lambda: [CoTuning(torch.nn.Linear(width, 1000), alpha=2.3, relationship_batches=2)],
+        "StochNorm": lambda: [StochNorm(p=0.5, seed=0)],
     }
+    if only is None:
+        return table
+    unknown = sorted(set(only) - set(table))
+    if unknown or "plain" not in only:
+        raise SystemExit(f"--variants: unknown {unknown} (known: {list(table)}); 'plain' must be one of them.")
+    return {v: table[v] for v in table if v in only}
 
 
 class Timer(Callback):
@@ -203,52 +229,64 @@ def trial(name, make_callbacks, args, steps, val_batches=0, epochs=1):
     return timer.steps, timer.vals, peak, held
 
 
-def floor_parts(name, args, reps: int = 5) -> tuple[float, float]:
-    """Median seconds of a no-grad eval forward of the reference model, and of a backward from DELTA's layers
-    to the parameters (the pass DTNH+DELTA adds), on one batch."""
+def floor_parts(name, args, reps: int = 5) -> tuple[float, float, float, float]:
+    """Median seconds of a no-grad eval forward of the reference model, of a backward from DELTA's layers
+    to the parameters (the pass DTNH+DELTA adds), of BSS's SVD and gradient on the batch's head features, and
+    of a source head's forward and backward on them (Co-Tuning), on one batch."""
     model = make_model(name, args.size).to(args.device)
     layers = delta_layers(model)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     x = torch.rand(32, 3, args.size, args.size, device=args.device)
     feats = {}
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: feats.__setitem__(n, o)) for n in layers]
+    head = find_head(model)[1]
+    hooks.append(head.register_forward_hook(lambda m, a, o: feats.__setitem__("head input", a[0])))
+    source = torch.nn.Linear(head_width(model), 1000).to(args.device)
     params = [p for p in model.parameters()]
-    fwd, bwd = [], []
+    fwd, bwd, bss, cotuning = [], [], [], []
     for _ in range(reps):
         t = time.perf_counter()
         with torch.no_grad():
             reference(x)
         fwd.append(time.perf_counter() - t)
         model(x)
+        h = feats.pop("head input").detach().flatten(1)
+        t = time.perf_counter()
+        bss_penalty_grad(h, 1e-3, 1)
+        bss.append(time.perf_counter() - t)
+        h.requires_grad_(True)
+        t = time.perf_counter()
+        out = source(h)
+        loss = -(torch.softmax(out.detach(), 1) * torch.log_softmax(out, 1)).sum(1).mean()
+        torch.autograd.grad(loss, [h, *source.parameters()])
+        cotuning.append(time.perf_counter() - t)
         target = sum((f * 0.5).square().sum() for f in feats.values())
         t = time.perf_counter()
         torch.autograd.grad(target, params, retain_graph=True, allow_unused=True)
         bwd.append(time.perf_counter() - t)
     for h in hooks:
         h.remove()
-    return statistics.median(fwd), statistics.median(bwd)
-
-
-def _ratio_row(label, ratios, extra=""):
-    return (f"| {label} | {statistics.median(ratios):.3f} | {min(ratios):.3f}–{max(ratios):.3f} |" + extra)
+    return statistics.median(fwd), statistics.median(bwd), statistics.median(bss), statistics.median(cotuning)
 
 
 def bench_steps(name, args, rounds, one_pass, lines, summary, paired_rounds=0):
     probe = make_model(name, args.size)
     steps = args.warmup + args.steps
-    table = variants(probe, steps)
+    table = variants(probe, steps, args.variants.split(",") if args.variants else None)
     per_round = {v: [] for v in table}
     vs_l2sp, all_times, memory = [], {v: [] for v in table}, {}
-    t_ref, t_bwd = [], []
+    t_ref, t_bwd, t_bss, t_co = [], [], [], []
     for r in range(rounds):
         order = [*table, "floor parts"]
         random.Random(r).shuffle(order)
         medians = {}
         for v in order:
             if v == "floor parts":
-                f, b = floor_parts(name, args)
+                f, b, sv, co = floor_parts(name, args)
                 t_ref.append(f)
                 t_bwd.append(b)
+                t_bss.append(sv)
+                t_co.append(co)
                 continue
             times, _, peak, held = trial(name, table[v], args, steps)
             medians[v] = statistics.median(times)
@@ -256,13 +294,16 @@ def bench_steps(name, args, rounds, one_pass, lines, summary, paired_rounds=0):
             memory.setdefault(v, []).append((peak, held))
         for v in table:
             per_round[v].append(medians[v] / medians["plain"])
-        vs_l2sp.append(medians["DTNH+L2SP"] / medians["L2SP"])
+        if "DTNH+L2SP" in medians and "L2SP" in medians:
+            vs_l2sp.append(medians["DTNH+L2SP"] / medians["L2SP"])
         print(f"{name}: round {r + 1}/{rounds} done", flush=True)
     plain = statistics.median(all_times["plain"])
     ref, bwd = statistics.median(t_ref), statistics.median(t_bwd)
     floors = {"plain": 1.0, "L2SP": 1 + 4 * one_pass / plain, "L2SP decoupled": 1 + 3 * one_pass / plain,
               "DTNH+L2SP": 1 + 7 * one_pass / plain, "DELTA": 1 + ref / plain,
-              "DTNH+DELTA": 1 + (ref + bwd + 5 * one_pass) / plain, "RIFLE": 1.0, "MEI": 1.0}
+              "DTNH+DELTA": 1 + (ref + bwd + 5 * one_pass) / plain, "RIFLE": 1.0, "MEI": 1.0,
+              "SPD": 1 + 8 * one_pass / plain, "BSS": 1 + statistics.median(t_bss) / plain,
+              "Co-Tuning": 1 + statistics.median(t_co) / plain, "StochNorm": 1.0}
     plain_peak = statistics.median(p for p, _ in memory["plain"])
     lines += [f"### Train step: {name} ({MODELS[name]}, {args.size}×{args.size}, batch 32, "
               f"{len(list_blocks(probe)) - 1} blocks below the head)", "",
@@ -275,46 +316,16 @@ def bench_steps(name, args, rounds, one_pass, lines, summary, paired_rounds=0):
         floor = f"{floors[v]:.3f}" if v in floors else "—"
         lines.append(_ratio_row(v, per_round[v], f" {floor} | {1000 * statistics.median(all_times[v]):.1f} | "
                                 f"{memory[v][-1][1] / 2**20:.1f} | {peak / 2**20:.0f} |"))
-    lines.append(f"| DTNH+L2SP / L2SP (same rounds) | {statistics.median(vs_l2sp):.3f} | "
-                 f"{min(vs_l2sp):.3f}–{max(vs_l2sp):.3f} | {floors['DTNH+L2SP'] / floors['L2SP']:.3f} | | | |")
+    if vs_l2sp:
+        lines.append(f"| DTNH+L2SP / L2SP (same rounds) | {statistics.median(vs_l2sp):.3f} | "
+                     f"{min(vs_l2sp):.3f}–{max(vs_l2sp):.3f} | {floors['DTNH+L2SP'] / floors['L2SP']:.3f} | | | |")
     lines.append("")
-    summary[name] = {v: statistics.median(per_round[v]) for v in table} | {
-        "DTNH+L2SP / L2SP": statistics.median(vs_l2sp), "floors": floors}
-    if paired_rounds > 0:  # the per-step work, step against step in one fit
-        per_step = {v: table[v] for v in ("L2SP", "L2SP decoupled", "DTNH+L2SP", "DELTA", "DTNH+DELTA")}
+    summary[name] = {v: statistics.median(per_round[v]) for v in table} | {"floors": floors} | (
+        {"DTNH+L2SP / L2SP": statistics.median(vs_l2sp)} if vs_l2sp else {})
+    paired_variants = ("L2SP", "L2SP decoupled", "DTNH+L2SP", "DELTA", "DTNH+DELTA", "SPD", "BSS", "Co-Tuning")
+    if paired_rounds > 0:  # the per-step work, step against step in one fit (StochNorm's swap is not switchable)
+        per_step = {v: table[v] for v in paired_variants if v in table}
         bench_paired(name, make_model, per_step, args, paired_rounds, floors, lines, summary)
-
-
-def bench_validation(name, args, lines):
-    """RepresentationSimilarity and WiSEFT(every_validation=True) per validation epoch (4 batches of 32, its
-    probe 128 examples; WiSEFT's 11 interpolations, with BatchNorm re-estimated on the 2 training batches)."""
-    table = {"plain": lambda: [], "RepresentationSimilarity (probe 128)": lambda: [RepresentationSimilarity()],
-             "WiSEFT(every_validation=True), 11 alphas": lambda: [WiSEFT(every_validation=True)]}
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in make_model(name, args.size).modules())
-    floors = {"plain": 1.0, "RepresentationSimilarity (probe 128)": 2.0,
-              "WiSEFT(every_validation=True), 11 alphas": 1 + 11 * (1.5 if has_bn else 1.0)}
-    ratios, memory = {v: [] for v in table}, {}
-    for r in range(args.val_rounds):
-        order = list(table)
-        random.Random(100 + r).shuffle(order)
-        medians = {}
-        for v in order:
-            _, vals, peak, held = trial(name, table[v], args, steps=2, val_batches=4, epochs=3)
-            medians[v] = statistics.median(vals[1:])  # the first validation warms up
-            memory[v] = (peak, held)
-        for v in table:
-            ratios[v].append(medians[v] / medians["plain"])
-    lines += [f"### Validation: {name} (per validation epoch of 128 examples)", "",
-              "Floor: CKA runs the model on its probe (128 examples; the pre-trained side is kept as Gram matrices "
-              "from fit start); WiSE-FT evaluates "
-              "each interpolation (11 validation epochs) and re-estimates BatchNorm statistics on 64 training "
-              "examples per interpolation where the model has BatchNorm.", "",
-              "| callback | ratio to a validation epoch | spread (min–max) | floor | held by callback (MiB) | "
-              "peak memory above plain (MiB) |", "|---|---|---|---|---|---|"]
-    for v in table:
-        lines.append(_ratio_row(v, ratios[v], f" {floors[v]:.1f} | {memory[v][1] / 2**20:.1f} | "
-                                f"{(memory[v][0] - memory['plain'][0]) / 2**20:.0f} |"))
-    lines.append("")
 
 
 def _load() -> str:
@@ -339,6 +350,9 @@ def main(argv=None):
                         help="paired fits per per-step variant, first model (0: none)")
     parser.add_argument("--other-paired-rounds", type=int, default=2, help="... for the other models")
     parser.add_argument("--paired-steps", type=int, default=20, help="measured steps per paired fit (even)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated train-step variants (with plain), e.g. plain,SPD,BSS; default all")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     parser.add_argument("--compiled", action="store_true", help="also time L2SP(fused=True)'s compiled kernel")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps, resnet18 at 32x32")
     parser.add_argument("--validation-only", action="store_true",
@@ -370,15 +384,15 @@ def main(argv=None):
 
     for i, name in enumerate(names):
         if args.validation_only:
-            bench_validation(name, args, lines)
+            bench_validation(name, args, lines, make_model, trial)
             write(done=False)
             continue
         one_pass = bench_kernels(make_model(name, args.size).to(args.device), name, args.reps,
-                                 args.compiled and i == 0, lines)
+                                 args.compiled and i == 0, lines if not args.no_kernels else [])
         bench_steps(name, args, args.rounds if i == 0 else args.other_rounds, one_pass, lines, summary,
                     args.paired_rounds if i == 0 else args.other_paired_rounds)
         if args.val_rounds > 0:
-            bench_validation(name, args, lines)
+            bench_validation(name, args, lines, make_model, trial)
         write(done=False)  # written after each model: partial runs count
     write(done=True)
     print(Path(args.out).read_text())
@@ -390,12 +404,14 @@ def _summary(summary: dict) -> list[str]:
     if not summary:
         return []
     keys = ["plain (null control)", "L2SP", "L2SP decoupled", "DTNH+L2SP", "DTNH+L2SP / L2SP", "DELTA", "DTNH+DELTA",
-            "RIFLE", "MEI"]
+            "RIFLE", "MEI", "SPD", "BSS", "Co-Tuning", "StochNorm"]
     out = ["## Summary: ratio to plain (floor)", "",
            "Per-step variants: the median of on/off step pairs in one fit (see *Paired steps*), with the ratio of "
            "separate fits in brackets; RIFLE, MEI and FreezeSchedule from separate fits.", "",
            "| variant | " + " | ".join(summary) + " |", "|---|" + "---|" * len(summary)]
     for k in keys:
+        if not any(k in s or k in s.get("paired", {}) for s in summary.values()):
+            continue  # not measured in this run (--variants)
         cells = []
         for s in summary.values():
             floors, paired = s["floors"], s.get("paired", {})
@@ -409,7 +425,8 @@ def _summary(summary: dict) -> list[str]:
                 cells.append("—")
         out.append(f"| {k} | " + " | ".join(cells) + " |")
     for k in ("FreezeSchedule, half the blocks", "FreezeSchedule, all but the head"):
-        out.append(f"| {k} | " + " | ".join(f"{s[k]:.2f}" for s in summary.values()) + " |")
+        if all(k in s for s in summary.values()):
+            out.append(f"| {k} | " + " | ".join(f"{s[k]:.2f}" for s in summary.values()) + " |")
     return out + [""]
 
 

@@ -4,7 +4,9 @@ The unit is one pass over the parameters (reading or writing every element once)
 the kernel that reads w, w0, g and writes g (``g += α·w·w0``: the traffic of ``g += α·(w − w0)``). Each
 implementation's floor is the number of passes its math needs: the coupled L2-SP gradient 4 (read w, w0,
 g; write g), the decoupled pull 3 (read w, w0; write w), L2-SP's ``r`` as tensors of their own 3 (read w,
-w0; write r), DTNH's projection 5 (read g, r for the dot products; read g, r and write g).
+w0; write r), DTNH's projection 5 (read g, r for the dot products; read g, r and write g), SPD's two halves around the
+optimizer step 8 (before: read g, w, w0 for ``⟨g, w − w0⟩`` and ``‖w − w0‖²``; after: read w', w0 for
+``‖w' − w0‖²``, then read w', w0 and write w' for the decay), the 32 bytes per float32 parameter of #26.
 Used by ``benchmarks/overhead.py``.
 """
 
@@ -21,6 +23,7 @@ from lightning_transfer.functional import sp_penalty_and_grad
 from lightning_transfer.functional.penalties import add_l2sp_grad_
 from lightning_transfer.functional.projection import project_conflicting_
 from lightning_transfer.functional.sp_updates import l2sp_grad_into_, l2sp_pull_
+from lightning_transfer.functional.spd import spd_after_norms, spd_before_step, spd_decay_, spd_factors
 
 FLOOR_ROW = "floor (read w, w0, g; write g)"
 
@@ -66,6 +69,10 @@ def bench_kernels(model: torch.nn.Module, name: str, reps: int, compiled: bool, 
         penalty = sum(0.5 * alpha * (p - a).square().sum() for p, a in zip(params, anchors))
         penalty.backward()
 
+    def spd_both_halves():  # the callback's work on one step, as a single process does it
+        dots, before = spd_before_step(weights, grads, anchors)
+        spd_decay_(weights, anchors, spd_factors(dots, before, spd_after_norms(weights, anchors), 1e-6))
+
     def separate_r_allocated():
         _, r = sp_penalty_and_grad(params, anchors, alpha)
         add_to_grads(params, r)
@@ -86,6 +93,9 @@ def bench_kernels(model: torch.nn.Module, name: str, reps: int, compiled: bool, 
         ("DTNH projection of r against g, other steps (tensor mode, in place)",
          lambda: project_conflicting_(grads, rs, cosine=False), 5),
         ("DTNH projection, logging step (with the cosine)", lambda: project_conflicting_(grads, rs), 5),
+        ("SPD, both halves around the step (dots and norms before; norms and decay after)", spd_both_halves, 8),
+        ("SPD, the decay alone (_foreach_lerp_ with per-tensor weights)",
+         lambda: spd_decay_(weights, anchors, torch.full((len(params),), 1e-6, device=device)), 3),
         ("autograd of the penalty in the loss (common implementation)", autograd_reference, 4),
     ]
     if compiled:

@@ -2,8 +2,10 @@
 
 Separate fits per variant (``overhead.py``'s round table) compare steps taken seconds apart, so on a shared
 machine their ratios carry the machine's drift: a callback that does nothing per step reads anywhere from
-0.9 to 1.1 there. Here each variant trains one fit in which its callbacks' per-step hooks (and DELTA's
-feature capture, through ``alpha``) run on odd steps only; each odd step's time is divided by the even
+0.9 to 1.1 there. Here each variant trains one fit in which its callbacks' per-step hooks (and the work of
+DELTA's and BSS's forward hooks, through their strengths ``alpha`` and ``eta``) run on odd steps only; SPD's
+optimizer post-hook works only after its ``on_before_optimizer_step`` and Co-Tuning's head hook only after its
+``on_train_batch_start``, so both follow their switched hooks; each odd step's time is divided by the even
 step before it, and the median of those pair ratios is the cost. Everything else (the model, the data,
 the optimizer, the memory the callbacks hold) is the same on both steps of a pair. A fit without callbacks
 (the null control) shows the resolution of the measurement: its pair ratios should straddle 1.
@@ -22,7 +24,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_transfer import FeatureMapRegularization
+from lightning_transfer import BSS, FeatureMapRegularization
+
+STRENGTH = {FeatureMapRegularization: "alpha", BSS: "eta"}  # callbacks whose forward hooks do nothing at 0
 
 PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
                   "on_before_zero_grad", "on_train_batch_end")
@@ -34,8 +38,8 @@ class Switch(Callback):
 
     def __init__(self, callbacks: list[Callback], cuda: bool):
         self.on, self.cuda, self.times, self._t = False, cuda, [], 0.0
-        self._alphas = {id(cb): cb.alpha for cb in callbacks if isinstance(cb, FeatureMapRegularization)}
-        self._delta = [cb for cb in callbacks if isinstance(cb, FeatureMapRegularization)]
+        self._strength = [(cb, STRENGTH[type(cb)], getattr(cb, STRENGTH[type(cb)]))
+                          for cb in callbacks if type(cb) in STRENGTH]
         for cb in callbacks:
             for hook in PER_STEP_HOOKS:
                 if getattr(type(cb), hook) is getattr(Callback, hook):  # not overridden: nothing to switch
@@ -52,8 +56,8 @@ class Switch(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.on = batch_idx % 2 == 1
-        for cb in self._delta:  # DELTA captures features in forward hooks, switched by its strength
-            cb.alpha = self._alphas[id(cb)] if self.on else 0.0
+        for cb, name, value in self._strength:  # forward-hook work, switched by the strength
+            setattr(cb, name, value if self.on else 0.0)
         if self.cuda:
             torch.cuda.synchronize()
         self._t = time.perf_counter()
@@ -99,7 +103,8 @@ def bench_paired(name: str, make_model, variants: dict, args, rounds: int, floor
             ratios[v] += paired_fit(make_model(name, args.size), table[v], args.paired_steps, args.size,
                                     args.device, args.precision)
     q = {v: statistics.quantiles(x, n=4) for v, x in ratios.items()}
-    l2sp, both = statistics.median(ratios["L2SP"]), statistics.median(ratios["DTNH+L2SP"])
+    both_measured = "L2SP" in ratios and "DTNH+L2SP" in ratios
+    l2sp, both = (statistics.median(ratios["L2SP"]), statistics.median(ratios["DTNH+L2SP"])) if both_measured else (1, 1)
     lines += [f"### Paired steps: {name} ({rounds} fits per variant × {args.paired_steps // 2} pairs)",
               "", "Each variant's per-step work on every other step of one fit; each on-step divided by the "
               "off-step before it.", "", "| variant | ratio to plain (median of pairs) | interquartile range | floor |",
@@ -108,7 +113,9 @@ def bench_paired(name: str, make_model, variants: dict, args, rounds: int, floor
         floor = floors.get(v, 1.0 if v.startswith("plain") else None)
         lines.append(f"| {v} | {statistics.median(ratios[v]):.3f} | {q[v][0]:.3f}–{q[v][2]:.3f} | "
                      f"{'—' if floor is None else f'{floor:.3f}'} |")
-    lines += [f"| DTNH+L2SP / L2SP (ratio of the two medians) | {both / l2sp:.3f} | | "
-              f"{floors['DTNH+L2SP'] / floors['L2SP']:.3f} |", ""]
-    summary.setdefault(name, {})["paired"] = {v: statistics.median(x) for v, x in ratios.items()} | {
-        "DTNH+L2SP / L2SP": both / l2sp}
+    if both_measured:
+        lines.append(f"| DTNH+L2SP / L2SP (ratio of the two medians) | {both / l2sp:.3f} | | "
+                     f"{floors['DTNH+L2SP'] / floors['L2SP']:.3f} |")
+    lines.append("")
+    summary.setdefault(name, {})["paired"] = {v: statistics.median(x) for v, x in ratios.items()} | (
+        {"DTNH+L2SP / L2SP": both / l2sp} if both_measured else {})

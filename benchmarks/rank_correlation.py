@@ -12,6 +12,12 @@ accuracies the library measured by fine-tuning at that depth:
   FreezeSchedule does: for SmallCNN each conv and each BatchNorm is a block, so depths 1-4 end after
   block1.0 (conv1), block1.1 (bn1), block2.0 (conv2), block2.1 (bn2).
 
+* benchmark D (``--part text``): all-MiniLM-L6-v2 -> BBC News, 8 per class, as ``benchmarks/tuned.py`` runs
+  task D-8, at plain's chosen learning rate (1e-4): ``FreezeSchedule(depth=k)`` for k = 1..7 (the embeddings,
+  then each of the six layers; 7 leaves the pooler and the classifier trainable), seeds 0-2, one row per run in
+  ``rank/text_depths.csv`` (resumable; workers on disjoint seeds may run side by side). Scores: the mean over
+  unpadded tokens of each block's output on each seed's training split (40 articles), averaged over seeds.
+
 Depth 0 (nothing frozen) has no frozen features to score and is left out of the correlations.
 
 Across backbones (``--part backbones``): EfficientNet-Lite0, Lite1 and Lite2 (ImageNet, offline) are each
@@ -25,6 +31,7 @@ training split, and the order is compared with the fine-tuned accuracies (Kendal
 
     python benchmarks/rank_correlation.py --part depths      # ~30 s on 1 CPU thread
     python benchmarks/rank_correlation.py --part backbones   # ~12 minutes on 1 CPU thread (15 fine-tunings)
+    python benchmarks/rank_correlation.py --part text        # ~12 minutes on 1 CPU thread (21 fine-tunings)
 """
 
 from __future__ import annotations
@@ -96,6 +103,58 @@ def setting_b(target: str) -> list[dict]:
     return rows
 
 
+TEXT_DEPTHS, TEXT_LR, TEXT_SEEDS = range(1, 8), 1e-4, (0, 1, 2)
+
+
+def run_text_depths(path: Path, seeds) -> list[dict]:
+    """Fine-tune task D-8 frozen through each depth (``tuned.run_one``: its seeding, split and measurement) for
+    every (seed, depth) not yet in ``path``; one appended row per run. Returns all rows of ``path``."""
+    import tuned
+    from tuned_tasks import TASKS
+
+    from lightning_transfer import FreezeSchedule
+
+    task, done = TASKS["D-8"], {(r["seed"], r["depth"]) for r in bench_a.read_rows(path)}
+    torch.use_deterministic_algorithms(True)
+    for seed in seeds:
+        for depth in TEXT_DEPTHS:
+            if (str(seed), str(depth)) in done:
+                continue
+            start = time.perf_counter()
+            setting = (f"depth {depth}, lr {TEXT_LR:g}", {"lr": TEXT_LR},
+                       lambda d=depth: [FreezeSchedule(depth=d)], False)
+            measured = tuned.run_one(task, "depth scan", setting, seed)
+            row = {"seed": seed, "depth": depth, "lr": TEXT_LR, "val_acc": measured["val_acc"],
+                   "test_acc": measured["test_acc"], "seconds": round(time.perf_counter() - start, 1)}
+            bench_a.append_row(path, row)
+            print(f"D-8 depth {depth} seed {seed}: {row}", flush=True)
+    return bench_a.read_rows(path)
+
+
+def setting_d(runs: list[dict]) -> list[dict]:
+    """Scores per depth on the D-8 training split of each seed (averaged), beside the mean fine-tuned accuracy."""
+    from tuned_tasks import TASKS
+
+    task = TASKS["D-8"]
+    seeds = sorted({int(r["seed"]) for r in runs})
+    by_depth: dict[int, dict[str, list[float]]] = {}
+    for seed in seeds:
+        pl.seed_everything(seed, verbose=False)
+        for row in rank_depths(task.model({"lr": TEXT_LR}), task.data(seed, augment=False), ESTIMATORS):
+            for e in ESTIMATORS:
+                by_depth.setdefault(row["depth"], {}).setdefault(e, []).append(row[e])
+    rows = []
+    for d in TEXT_DEPTHS:
+        mine = [r for r in runs if r["depth"] == str(d)]
+        if len(mine) != len(seeds):
+            raise SystemExit(f"text depth scan incomplete at depth {d}: run --part text to finish it")
+        rows.append({"benchmark": "D", "setting": "8 per class", "depth": d,
+                     "val_acc": statistics.fmean(float(r["val_acc"]) for r in mine),
+                     "test_acc": statistics.fmean(float(r["test_acc"]) for r in mine),
+                     **{e: statistics.fmean(by_depth[d][e]) for e in ESTIMATORS}})
+    return rows
+
+
 def exact_p(scores: list[float], values: list[float]) -> float:
     """Two-sided permutation p-value of Spearman's ρ: the share of all orderings at least as extreme."""
     observed = abs(stats.spearmanr(scores, values).statistic)
@@ -126,9 +185,12 @@ def report(rows: list[dict], corr: list[dict], seconds: float) -> str:
     lines = ["# Transferability scores vs. fine-tuned accuracy by transfer depth", "",
              "Scores: LogME and H-score (Ledoit-Wolf shrinkage) of the pooled features after block k, on the "
              "training split of each scan, before fine-tuning. Accuracies: the depth scans already in "
-             "`benchmarks/results/` (A: one run per depth; B: mean of seeds 100-102, BN re-estimated). "
-             f"Reproduce: `python benchmarks/rank_correlation.py` ({seconds:.0f} s on 1 CPU thread).", "",
-             "With 4 or 5 depths no correlation short of a perfect one is significant: p (exact) is the two-sided "
+             "`benchmarks/results/` (A: one run per depth; B: mean of seeds 100-102, BN re-estimated; D, text: "
+             "MiniLM -> BBC News at 8 per class, mean of seeds 0-2, from `rank/text_depths.csv`). "
+             f"Reproduce: `python benchmarks/rank_correlation.py --part depths` ({seconds:.0f} s on 1 CPU thread; "
+             "the text scan's fine-tunings first with `--part text`).", "",
+             "With 4 or 5 depths no correlation short of a perfect one is significant (with D's 7, |ρ| ≥ 0.79 is at "
+             "p < 0.05): p (exact) is the two-sided "
              "permutation p-value of ρ over all orderings. Regret: accuracy of the best depth minus that of the "
              "top-scored depth.", "",
              "| benchmark | setting | estimator | vs | depths | Spearman ρ | p (exact) | Kendall τ | top-scored depth | "
@@ -278,7 +340,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "rank"))
-    parser.add_argument("--part", choices=("depths", "backbones", "all"), default="all")
+    parser.add_argument("--part", choices=("depths", "backbones", "text", "all"), default="all")
+    parser.add_argument("--text-seeds", default="0,1,2", help="seeds of the text depth scan to run here")
     parser.add_argument("--backbone-seeds", type=int, default=BACKBONE_SEEDS, help="seeds 0..N-1 (default %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -287,9 +350,14 @@ def main(argv=None) -> None:
     old = (out / "results.md").read_text() if (out / "results.md").is_file() else ""
     depth_text, _, backbone_text = old.partition(MARKER)
     backbone_text = MARKER + backbone_text if backbone_text else ""
+    if args.part == "text":  # the fine-tunings only; --part depths then adds the correlations
+        run_text_depths(out / "text_depths.csv", [int(s) for s in args.text_seeds.split(",")])
+        return
     if args.part in ("depths", "all"):
         start = time.perf_counter()
-        rows = [*setting_a(10), *setting_a(100), *setting_b("close"), *setting_b("far")]
+        text_runs = bench_a.read_rows(out / "text_depths.csv")
+        rows = [*setting_a(10), *setting_a(100), *setting_b("close"), *setting_b("far"),
+                *(setting_d(text_runs) if text_runs else [])]
         corr = correlations(rows)
         write_csv(out / "scores.csv", rows)
         write_csv(out / "correlations.csv", corr)

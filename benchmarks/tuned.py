@@ -17,6 +17,7 @@ Rows are kept and never recomputed; a run with other threads is a different run.
     python benchmarks/tuned.py --task A --seeds 3                  # Lite0 -> Animal-MNIST, 10/class
     python benchmarks/tuned.py --task B-close B-far --seeds 3      # SmallCNN, close and far targets
     python benchmarks/tuned.py --task A --methods plain,MEI         # a subset (parallel workers)
+    python benchmarks/tuned.py --task B-close --methods "Model Stock (k=2)"   # two runs per seed, merged
     python benchmarks/tuned.py --quick                             # smoke run (the test suite runs it)
 """
 
@@ -52,13 +53,15 @@ from lightning_transfer import (  # noqa: E402
     LiNeS,
     MaxEntropyHeadInit,
     StochNorm,
+    model_stock,
 )
 from lightning_transfer.anatomy import final_linear, find_head  # noqa: E402
-from lightning_transfer.callbacks.co_tuning import PretrainedHead  # noqa: E402
+from lightning_transfer.batchnorm import reestimate_batchnorm  # noqa: E402
 from lightning_transfer.functional.linear_probe import probe_accuracy, select_linear_probe  # noqa: E402
 from lightning_transfer.probe import head_features, linear_probe, set_head_from_probe_  # noqa: E402
 
 PROBE = "linear probe"
+STOCK = "Model Stock (k=2)"
 
 
 def settings(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
@@ -95,14 +98,17 @@ def settings(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
         "LiNeS": knob("b", (0.5, 1.0), lambda b: [LiNeS(beta=b, blocks=task.blocks)]),
         # StochNorm: the probability of running statistics (the paper's 0.5, and 0.3) x two learning rates
         "StochNorm": knob("p", (0.3, 0.5), lambda p: [StochNorm(p=p, seed=0)]),
-        # Co-Tuning: lambda (tllib's 2.3, and 1) x two learning rates; the source head is Lite0's ImageNet head, so
-        # the tasks on EfficientNet-Lite0 only (B and C's source heads live in their source checkpoints: not wired)
-        **({"Co-Tuning": knob("lambda", (1.0, 2.3), lambda a: [CoTuning(PretrainedHead("efficientnet_lite0"), alpha=a)])}
-           if task.key in ("A", "quick") else {}),
+        # Co-Tuning: lambda (tllib's 2.3, and 1) x two learning rates, with the task's source head: Lite0's ImageNet
+        # head (A), the source network's Animal-MNIST 0-4 head (B, C); D's MiniLM has none (a sentence encoder)
+        **({"Co-Tuning": knob("lambda", (1.0, 2.3), lambda a: [CoTuning(task.source_head(), alpha=a)])}
+           if task.source_head is not None else {}),
         # SPD: the strength lambda (two values) x two learning rates, no weight decay (SPD replaces it)
         "SPD": knob("lambda", (0.5, 1.0), lambda v: [SPD(lam=v)], **no_wd),
         # BSS: eta (the paper's 0.001, and 0.01) x two learning rates, k = 1
         "BSS": knob("eta", (0.001, 0.01), lambda v: [BSS(eta=v, k=1)]),
+        # Model Stock: at each of four learning rates, two plain runs from the same w0 and head init (the seed's),
+        # trained on two streams of the same split (the seed's, and seed + 1000), merged per layer
+        STOCK: lrs(),
         "from scratch": lrs(pretrained=False),
     }
 
@@ -134,6 +140,8 @@ def run_one(task: Task, method: str, setting: tuple, seed: int) -> dict:
     if method == PROBE:  # no training: the pre-trained features, probe chosen on validation
         row = measure(model, features_of(model, plain), task.num_classes)
         return {**row, "val_acc": row["probe_val_acc"], "test_acc": row["probe_test_acc"], "test_loss": ""}
+    if method == STOCK:
+        return run_model_stock(task, overrides, seed, plain)
     callbacks = make_callbacks()
     if probe_init:  # LP-FT as its paper does it: a converged probe on cached features, then fine-tuning
         set_head_from_probe_(model, linear_probe(model, plain.train_dataloader(), plain.val_dataloader()))
@@ -145,6 +153,34 @@ def run_one(task: Task, method: str, setting: tuple, seed: int) -> dict:
     rifle = next((c for c in callbacks if isinstance(c, RIFLE)), None)
     after = rifle.steps_after_last if rifle is not None else ""
     return {**measure(model, features_of(model, plain), task.num_classes), "steps_after_last_reinit": after}
+
+
+def run_model_stock(task: Task, overrides: dict, seed: int, plain) -> dict:
+    """Two plain fine-tuning runs from one start (the seed's model and head), each on its own training stream of
+    the seed's split, merged by :func:`~lightning_transfer.model_stock`; BatchNorm statistics re-estimated on
+    the training split; measured like any run (twice a plain run's compute)."""
+    states, w0, model = [], None, None
+    for run in range(2):
+        pl.seed_everything(seed, verbose=False)
+        model = task.model(overrides)
+        if w0 is None:
+            w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        data = task.data(seed, augment=task.augment)
+        data.setup("fit")  # the seed's split; then the second run's own order (and flips)
+        data.hparams.seed = seed + 1000 * run
+        pl.seed_everything(seed + 1000 * run, verbose=False)
+        trainer = pl.Trainer(max_epochs=task.epochs, max_steps=task.epochs * task.steps_per_epoch,
+                             accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(model, datamodule=data)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    # both runs start from w0 by construction; at the largest learning rates a run moves farther than the
+    # default guard against runs from other starts allows (SmallCNN at lr 0.1: 4.8·‖w0‖), so it is off here
+    model.load_state_dict(model_stock(states, w0, max_relative_update=float("inf")).state_dict)
+    model.train()
+    reestimate_batchnorm(model, plain.train_dataloader())  # no-op without BatchNorm
+    model.eval()
+    return {**measure(model, features_of(model, plain), task.num_classes), "steps_after_last_reinit": ""}
 
 
 def commit() -> str:

@@ -14,9 +14,13 @@ from pathlib import Path
 import accuracy
 import accuracy_controlled as controlled
 import accuracy_transformer as transformer
+import torch
 from lightning.pytorch import LightningDataModule
+from torch import nn
 
 from lightning_transfer import AnimalMNISTDataModule, ArrayDataModule, BBCNewsDataModule, TransferClassifier
+from lightning_transfer.anatomy import find_head
+from lightning_transfer.callbacks.co_tuning import PretrainedHead
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,6 +43,7 @@ class Task:
     depths: tuple[int, int]
     blocks: list[str] | None = None  # explicit blocks for FreezeSchedule
     augment: bool = True
+    source_head: Callable[[], nn.Module] | None = None  # the pre-trained classifier the new head replaced
 
     @property
     def steps_per_epoch(self) -> int:
@@ -64,6 +69,13 @@ def _transferred(network: controlled.Network, source: str, num_classes: int, ove
     return controlled.build_model(RESULTS / source, num_classes, overrides, network)
 
 
+def _source_head(network: controlled.Network, source: str) -> nn.Module:
+    """The source network's own classifier (over Animal-MNIST 0-4), from its committed checkpoint."""
+    net = network.build(len(controlled.SOURCE_CLASSES))
+    net.load_state_dict(torch.load(RESULTS / source, weights_only=True))
+    return find_head(net)[1]
+
+
 def _b_or_c(key: str, target: str) -> Task:
     cnn = key == "B"
     network = controlled.CNN if cnn else transformer.VIT
@@ -75,6 +87,7 @@ def _b_or_c(key: str, target: str) -> Task:
                f"{'Animal-MNIST 5-9' if target == 'close' else 'scikit-learn digits'}, 10/class, 28×28, 30 epochs"),
         data=partial(_target, target),
         model=partial(_transferred, network, source, num_classes),
+        source_head=partial(_source_head, network, source),
         num_classes=num_classes, epochs=30, train_size=10 * num_classes, batch_size=16,
         lrs=(0.003, 0.01, 0.03, 0.1) if cnn else (1e-4, 3e-4, 1e-3, 3e-3),
         knob_lrs=(0.01, 0.03) if cnn else (3e-4, 1e-3),
@@ -123,11 +136,13 @@ TASKS: dict[str, Task] = {
     "A": Task("A", "ImageNet EfficientNet-Lite0 -> Animal-MNIST, 10/class, 64×64, 15 epochs",
               data=partial(_animal, per_class=10, size=64, val=30, test=200), model=_lite0, num_classes=10,
               epochs=15, train_size=100, batch_size=32, lrs=(0.003, 0.01, 0.03, 0.1), knob_lrs=(0.01, 0.03),
-              delta_layers=accuracy.DELTA_LAYERS, depths=(3, 6)),
+              delta_layers=accuracy.DELTA_LAYERS, depths=(3, 6),
+              source_head=partial(PretrainedHead, "efficientnet_lite0")),
     "quick": Task("quick", "smoke run: Lite0, 2/class, 32×32, 1 epoch",
                   data=partial(_animal, per_class=2, size=32, val=2, test=5), model=_lite0, num_classes=10,
                   epochs=1, train_size=20, batch_size=32, lrs=(0.003, 0.01, 0.03, 0.1), knob_lrs=(0.01, 0.03),
-                  delta_layers=accuracy.DELTA_LAYERS, depths=(3, 6)),
+                  delta_layers=accuracy.DELTA_LAYERS, depths=(3, 6),
+                  source_head=partial(PretrainedHead, "efficientnet_lite0")),
     **{f"{k}-{t}": _b_or_c(k, t) for k in ("B", "C") for t in ("close", "far")},
     "D-8": _d(8, epochs=8, batch_size=8),
     "D-50": _d(50, epochs=3, batch_size=16),

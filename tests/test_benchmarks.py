@@ -16,7 +16,8 @@ def test_overhead_quick(tmp_path):
     out = tmp_path / "overhead.md"
     overhead.main(["--quick", "--out", str(out)])
     text = out.read_text()
-    for row in ("| plain |", "| L2SP |", "| DTNH+L2SP |", "| DELTA |", "| RIFLE |", "| MEI |", "floor (read w, w0, g; write g)"):
+    for row in ("| plain |", "| L2SP |", "| DTNH+L2SP |", "| DELTA |", "| RIFLE |", "| MEI |", "floor (read w, w0, g; write g)",
+                "| SPD |", "| BSS |", "| Co-Tuning |", "| StochNorm |", "| SPD, both halves around the step", "| LiNeS("):
         assert row in text, row
 
 

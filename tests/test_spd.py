@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_transfer import SPD
-from lightning_transfer.functional.spd import spd_before_step, spd_step_
+from lightning_transfer.functional import spd as spd_functional
+from lightning_transfer.functional.spd import spd_after_norms, spd_before_step, spd_step_
 from tests.helpers import TinyClassifier
 
 
@@ -55,6 +56,24 @@ def test_no_nan_at_anchor():
     factors = spd_step_(w, w0, dots, before, 1.0)
     assert torch.isfinite(factors).all() and all(torch.isfinite(t).all() for t in w)
     torch.testing.assert_close(w, w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sums_in_cache_sized_chunks_equal_whole_tensor_sums(dtype):
+    """The CPU path makes ``w − w0`` a chunk at a time: tensors over several chunks (and bf16 weights with
+    float32 anchors) give the sums of the whole difference, computed here in float64."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3 * spd_functional.CHUNK + 17,), (spd_functional.CHUNK, 2), (5, 3), (1,)]
+    w0 = [torch.randn(s, generator=g) for s in shapes]
+    w = [(a + 1e-3 * torch.randn(s, generator=g)).to(dtype) for a, s in zip(w0, shapes)]
+    grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    diffs = [x.double() - a.double() for x, a in zip(w, w0)]
+    dots, squares = spd_before_step(w, grads, w0)
+    torch.testing.assert_close(dots.double(), torch.stack([(gr.double() * d).sum() for gr, d in zip(grads, diffs)]),
+                               rtol=1e-4, atol=1e-5)
+    expected = torch.stack([d.square().sum() for d in diffs])
+    torch.testing.assert_close(squares.double(), expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(spd_after_norms(w, w0).double(), expected, rtol=1e-4, atol=0)
 
 
 def _fit(callbacks, **kwargs):
