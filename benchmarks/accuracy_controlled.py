@@ -122,11 +122,17 @@ def source_checkpoint(out: Path, epochs: int, per_class: int | None = None, netw
     return path
 
 
-def build_model(source: Path | None, num_classes: int, overrides: dict, network: Network = CNN) -> TransferClassifier:
+def source_network(source: Path | None, network: Network = CNN) -> nn.Module:
+    """The source network with its Animal-MNIST 0-4 head, pre-trained weights loaded from ``source`` (if any)."""
     net = network.build(len(SOURCE_CLASSES))
-    overrides = {**network.finetune_options, **overrides}
-    if overrides.pop("pretrained", True) and source is not None:
+    if source is not None:
         net.load_state_dict(torch.load(source, weights_only=True))
+    return net
+
+
+def build_model(source: Path | None, num_classes: int, overrides: dict, network: Network = CNN) -> TransferClassifier:
+    overrides = {**network.finetune_options, **overrides}
+    net = source_network(source if overrides.pop("pretrained", True) else None, network)
     return TransferClassifier(net, num_classes=num_classes, **overrides)
 
 

@@ -61,7 +61,7 @@ from lightning_transfer import (  # noqa: E402
     TransferClassifier,
     list_blocks,
 )
-from lightning_transfer.anatomy import find_head  # noqa: E402
+from lightning_transfer.anatomy import final_linear, find_head  # noqa: E402
 from lightning_transfer.functional.bss import bss_penalty_grad  # noqa: E402
 
 MODELS = {"resnet18": "torchvision:resnet18", "lite0": "efficientnet_lite0", "resnet50": "torchvision:resnet50",
@@ -106,9 +106,7 @@ def delta_layers(model) -> list[str]:
 
 def head_width(model) -> int:
     """The number of features the new head reads (Co-Tuning's source head is a Linear from them)."""
-    head = find_head(model)[1]
-    linear = head if isinstance(head, torch.nn.Linear) else [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
-    return linear.in_features
+    return final_linear(find_head(model)[1]).in_features
 
 
 def variants(model: TransferClassifier, steps: int, only: list[str] | None = None) -> dict[str, callable]:
@@ -352,7 +350,6 @@ def main(argv=None):
     parser.add_argument("--paired-steps", type=int, default=20, help="measured steps per paired fit (even)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated train-step variants (with plain), e.g. plain,SPD,BSS; default all")
-    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     parser.add_argument("--compiled", action="store_true", help="also time L2SP(fused=True)'s compiled kernel")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps, resnet18 at 32x32")
     parser.add_argument("--validation-only", action="store_true",
@@ -388,7 +385,7 @@ def main(argv=None):
             write(done=False)
             continue
         one_pass = bench_kernels(make_model(name, args.size).to(args.device), name, args.reps,
-                                 args.compiled and i == 0, lines if not args.no_kernels else [])
+                                 args.compiled and i == 0, lines)
         bench_steps(name, args, args.rounds if i == 0 else args.other_rounds, one_pass, lines, summary,
                     args.paired_rounds if i == 0 else args.other_paired_rounds)
         if args.val_rounds > 0:

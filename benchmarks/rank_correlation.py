@@ -341,7 +341,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "rank"))
     parser.add_argument("--part", choices=("depths", "backbones", "text", "all"), default="all")
-    parser.add_argument("--text-seeds", default="0,1,2", help="seeds of the text depth scan to run here")
+    parser.add_argument("--text-seeds", default=",".join(map(str, TEXT_SEEDS)),
+                        help="seeds of the text depth scan to run here")
     parser.add_argument("--backbone-seeds", type=int, default=BACKBONE_SEEDS, help="seeds 0..N-1 (default %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -145,14 +145,19 @@ def run_one(task: Task, method: str, setting: tuple, seed: int) -> dict:
     callbacks = make_callbacks()
     if probe_init:  # LP-FT as its paper does it: a converged probe on cached features, then fine-tuning
         set_head_from_probe_(model, linear_probe(model, plain.train_dataloader(), plain.val_dataloader()))
+    fit(task, model, task.data(seed, augment=task.augment), callbacks)
+    rifle = next((c for c in callbacks if isinstance(c, RIFLE)), None)
+    after = rifle.steps_after_last if rifle is not None else ""
+    return {**measure(model, features_of(model, plain), task.num_classes), "steps_after_last_reinit": after}
+
+
+def fit(task: Task, model, data, callbacks: list) -> None:
+    """The task's training budget on the CPU, without validation or checkpoints."""
     trainer = pl.Trainer(max_epochs=task.epochs, max_steps=task.epochs * task.steps_per_epoch, accelerator="cpu",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                          callbacks=callbacks)
-    trainer.fit(model, datamodule=task.data(seed, augment=task.augment))
-    rifle = next((c for c in callbacks if isinstance(c, RIFLE)), None)
-    after = rifle.steps_after_last if rifle is not None else ""
-    return {**measure(model, features_of(model, plain), task.num_classes), "steps_after_last_reinit": after}
+    trainer.fit(model, datamodule=data)
 
 
 def run_model_stock(task: Task, overrides: dict, seed: int, plain) -> dict:
@@ -169,10 +174,7 @@ def run_model_stock(task: Task, overrides: dict, seed: int, plain) -> dict:
         data.setup("fit")  # the seed's split; then the second run's own order (and flips)
         data.hparams.seed = seed + 1000 * run
         pl.seed_everything(seed + 1000 * run, verbose=False)
-        trainer = pl.Trainer(max_epochs=task.epochs, max_steps=task.epochs * task.steps_per_epoch,
-                             accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-        trainer.fit(model, datamodule=data)
+        fit(task, model, data, [])
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     # both runs start from w0 by construction; at the largest learning rates a run moves farther than the
     # default guard against runs from other starts allows (SmallCNN at lr 0.1: 4.8·‖w0‖), so it is off here

@@ -14,7 +14,6 @@ from pathlib import Path
 import accuracy
 import accuracy_controlled as controlled
 import accuracy_transformer as transformer
-import torch
 from lightning.pytorch import LightningDataModule
 from torch import nn
 
@@ -71,9 +70,7 @@ def _transferred(network: controlled.Network, source: str, num_classes: int, ove
 
 def _source_head(network: controlled.Network, source: str) -> nn.Module:
     """The source network's own classifier (over Animal-MNIST 0-4), from its committed checkpoint."""
-    net = network.build(len(controlled.SOURCE_CLASSES))
-    net.load_state_dict(torch.load(RESULTS / source, weights_only=True))
-    return find_head(net)[1]
+    return find_head(controlled.source_network(RESULTS / source, network))[1]
 
 
 def _b_or_c(key: str, target: str) -> Task:
