@@ -59,8 +59,10 @@ from lightning_transfer.anatomy import final_linear, find_head  # noqa: E402
 from lightning_transfer.batchnorm import reestimate_batchnorm  # noqa: E402
 from lightning_transfer.functional.linear_probe import probe_accuracy, select_linear_probe  # noqa: E402
 from lightning_transfer.probe import head_features, linear_probe, set_head_from_probe_  # noqa: E402
+from lightning_transfer.rank import collect_features  # noqa: E402
 
 PROBE = "linear probe"
+PROBE_MEAN = "linear probe (mean-pooled)"
 STOCK = "Model Stock (k=2)"
 
 
@@ -140,6 +142,16 @@ def run_one(task: Task, method: str, setting: tuple, seed: int) -> dict:
     if method == PROBE:  # no training: the pre-trained features, probe chosen on validation
         row = measure(model, features_of(model, plain), task.num_classes)
         return {**row, "val_acc": row["probe_val_acc"], "test_acc": row["probe_test_acc"], "test_loss": ""}
+    if method == PROBE_MEAN:  # no training: the mean of the last layer's tokens (pad excluded), probe on validation
+        layer = model.get_submodule(task.mean_pooled_layer)
+        feats = {s: collect_features(model, getattr(plain, f"{s}_dataloader")(), {"last": layer}, None, pre=False,
+                                     owner=PROBE_MEAN)
+                 for s in ("train", "val", "test")}
+        (train_x, train_y), (val_x, val_y), (test_x, test_y) = ((f["last"], y) for f, y, _ in feats.values())
+        probe = select_linear_probe(train_x, train_y, val_x, val_y, task.num_classes)
+        test = probe_accuracy(probe.weight, probe.bias, test_x, test_y)
+        return {"val_acc": round(probe.val_acc, 5), "test_acc": round(test, 5), "test_loss": "",
+                "probe_val_acc": round(probe.val_acc, 5), "probe_test_acc": round(test, 5), "probe_l2": probe.l2}
     if method == STOCK:
         return run_model_stock(task, overrides, seed, plain)
     callbacks = make_callbacks()
@@ -198,11 +210,28 @@ def environment(threads: int) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "commit": commit()}
 
 
+def probes(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
+    """The untrained baselines: the probe on the head's input, and on a text encoder's mean-pooled last layer."""
+    table = {PROBE: [("L2 on validation", {}, None, False)]}
+    if task.mean_pooled_layer is not None:
+        table[PROBE_MEAN] = [("L2 on validation", {}, None, False)]
+    return table
+
+
+def methods_of(tasks) -> list[str]:
+    """Every method of these tasks, the probes first, in table order."""
+    tasks = list(tasks)
+    return list(dict.fromkeys([*(m for t in tasks for m in probes(t)), *(m for t in tasks for m in settings(t))]))
+
+
 def run_missing(path: Path, task: Task, methods: list[str], seeds, threads: int) -> None:
-    table = {PROBE: [("L2 on validation", {}, None, False)], **settings(task)}
+    table = {**probes(task), **settings(task)}
     done = {(r["task"], r["method"], r["setting"], r["seed"], r["threads"]) for r in accuracy.read_rows(path)}
     env = environment(threads)
     for method in methods:
+        if method not in table:
+            print(f"{task.key}: {method} does not apply (see tuned_tasks.py), skipped", flush=True)
+            continue
         for setting in table[method]:
             for seed in seeds:
                 if (task.key, method, setting[0], str(seed), str(threads)) in done:
@@ -235,7 +264,7 @@ def main(argv=None) -> None:
     tasks = [TASKS["quick"]] if args.quick else [TASKS[k] for k in args.task]
     if args.quick:
         args.seeds, args.methods = 1, args.methods or f"{PROBE},plain,LP-FT (converged probe)"
-    known = [PROBE, *settings(tasks[0])]
+    known = methods_of(tasks)
     methods = args.methods.split(",") if args.methods else known
     unknown = [m for m in methods if m not in known]
     if unknown:
@@ -243,7 +272,7 @@ def main(argv=None) -> None:
     for task in [] if args.report_only else tasks:
         run_missing(out / "runs.csv", task, methods, range(args.seeds), args.threads)
     write_report(accuracy.read_rows(out / "runs.csv"), out, args.threads, {t.key: t for t in tasks}
-                 if args.quick else TASKS, known)
+                 if args.quick else TASKS, methods_of(tasks if args.quick else TASKS.values()))
 
 
 if __name__ == "__main__":

@@ -58,16 +58,18 @@ def task_section(rows: list[dict], title: str, order: list[str] | None = None) -
     seeds = sorted({int(r["seed"]) for r in rows})
     plain = chosen.get("plain", (None, None, None))[1]
     probe = chosen.get("linear probe", (None, None, None))[1]
+    pooled = chosen.get("linear probe (mean-pooled)", (None, None, None))[1]  # text tasks: the encoder's own pooling
     lines = [f"### {title}", "", f"Seeds {seeds}; test accuracy of the setting chosen on validation; paired differences "
              "with a 95% t-interval.", "",
              "| method | chosen setting (of those tried) | val acc | test acc | − plain | − linear probe "
-             "| probe on final features | note |", "|---|---|---|---|---|---|---|---|"]
+             f"{'| − mean-pooled probe ' if pooled else ''}| probe on final features | note |",
+             f"|---|---|---|---|---|---|{'---|' if pooled else ''}---|---|"]
     for method, (setting, runs, means) in chosen.items():
         tests = [float(r["test_acc"]) for r in runs.values()]
         final_probe = [float(r["probe_test_acc"]) for r in runs.values()]
         lines.append(f"| {method} | {setting} ({len(means)}) | {means[setting]:.3f} | {_mean_std(tests)} | "
-                     f"{_paired(runs, plain)} | {_paired(runs, probe)} | "
-                     f"{_mean_std(final_probe) if method != 'linear probe' else '—'} | {_note(method, runs)} |")
+                     f"{_paired(runs, plain)} | {_paired(runs, probe)} | {f'{_paired(runs, pooled)} | ' if pooled else ''}"
+                     f"{'—' if method.startswith('linear probe') else _mean_std(final_probe)} | {_note(method, runs)} |")
     for method in chosen:
         base = method.removesuffix("+DTNH")
         if method != base and base in chosen:  # DTNH's claim is against the regularizer it wraps

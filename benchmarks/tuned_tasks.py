@@ -43,6 +43,7 @@ class Task:
     blocks: list[str] | None = None  # explicit blocks for FreezeSchedule
     augment: bool = True
     source_head: Callable[[], nn.Module] | None = None  # the pre-trained classifier the new head replaced
+    mean_pooled_layer: str | None = None  # a text encoder's last layer: a second probe on its mean-pooled output
 
     @property
     def steps_per_epoch(self) -> int:
@@ -126,6 +127,9 @@ def _d(per_class: int, epochs: int, batch_size: int) -> Task:
         delta_layers=MINILM_DELTA_LAYERS,
         depths=(1, 4),  # blocks: embeddings, layers 0-5, pooler, classifier; 1 = embeddings, 4 = + layers 0-2
         augment=False,
+        # the head reads BERT's pooler ([CLS] through dense + tanh); sentence-transformers trained the mean of the
+        # last layer's tokens, so the probe on that mean (pad tokens excluded) is the baseline the issue measured
+        mean_pooled_layer="backbone.bert.encoder.layer.5",
     )
 
 
