@@ -132,12 +132,18 @@ def run_one(per_class, seed, name, overrides, make_callbacks, args) -> dict:
     return fit_and_test(model, data, make_callbacks(), args.epochs, curves=name in CURVE_METHODS)
 
 
+def t_bounds(diffs: list[float]) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of paired differences and its 95% t-interval (two or more seeds)."""
+    d, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = (T95[len(diffs) - 2] if len(diffs) - 1 <= len(T95) else 1.96) * sd / math.sqrt(len(diffs))
+    return d, d - half, d + half
+
+
 def t_interval(diffs: list[float]) -> str:
     if len(diffs) < 2:
         return f"{diffs[0]:+.3f} (1 seed, no CI)" if diffs else "—"
-    d, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    half = (T95[len(diffs) - 2] if len(diffs) - 1 <= len(T95) else 1.96) * sd / math.sqrt(len(diffs))
-    return f"{d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]"
+    d, low, high = t_bounds(diffs)
+    return f"{d:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def paired_stats(rows: list[dict], group, acc: str, by: str = "per_class") -> dict[str, dict]:

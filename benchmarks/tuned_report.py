@@ -82,6 +82,40 @@ def task_section(rows: list[dict], title: str, order: list[str] | None = None) -
     return lines + ["", "</details>", ""]
 
 
+def _points(runs: dict[int, dict], base: dict[int, dict]) -> str:
+    """Paired difference in points, bold where its 95% interval excludes zero."""
+    diffs = [float(runs[s]["test_acc"]) - float(base[s]["test_acc"]) for s in sorted(runs) if s in base]
+    if len(diffs) < 2:
+        return "—"
+    d, low, high = accuracy.t_bounds(diffs)
+    cell = f"{100 * d:+.1f}".replace("-", "−")
+    return f"**{cell}**" if low > 0 or high < 0 else cell
+
+
+def summary(rows: list[dict], tasks: dict, order: list[str]) -> list[str]:
+    """One table over the tasks: plain fine-tuning's test accuracy, then every method's paired difference to it."""
+    chosen = {key: choose([r for r in rows if r["task"] == key]) for key in tasks}
+    keys = [k for k in tasks if "plain" in chosen[k]]
+    if not keys:
+        return []
+    methods = [m for m in order if m != "plain" and any(m in chosen[k] for k in keys)]
+    lines = ["## Summary", "", "Test accuracy of plain fine-tuning, then each method's paired difference to it in points "
+             "(each at its setting chosen on validation; **bold**: the 95% interval excludes zero; —: not run; "
+             "†: RIFLE out of regime). Intervals and settings: the task sections below.", "",
+             f"| method | {' | '.join(keys)} |", f"|---|{'---|' * len(keys)}",
+             f"| plain (test acc) | {' | '.join(_mean_std([float(r['test_acc']) for r in chosen[k]['plain'][1].values()]).split(' ±')[0] for k in keys)} |"]
+    for method in methods:
+        cells = []
+        for k in keys:
+            if method not in chosen[k]:
+                cells.append("—")
+                continue
+            runs = chosen[k][method][1]
+            cells.append(_points(runs, chosen[k]["plain"][1]) + ("†" if _note(method, runs) else ""))
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    return lines + [""]
+
+
 def write_report(rows: list[dict], out: Path, threads: int, tasks: dict, order: list[str] | None = None) -> None:
     rows = [r for r in rows if r["threads"] == str(threads)]
     env = sorted({(r["torch"], r["deterministic"], r["commit"]) for r in rows})
@@ -92,6 +126,7 @@ def write_report(rows: list[dict], out: Path, threads: int, tasks: dict, order: 
              f"features. CPU, {threads} thread(s) per run; torch, deterministic algorithms and commit per row "
              f"in runs.csv ({', '.join(f'torch {t}, deterministic {d}, commit {c}' for t, d, c in env[:3])}"
              f"{', ...' if len(env) > 3 else ''}).", ""]
+    lines += summary(rows, tasks, order or [])
     for key, task in tasks.items():
         sub = [r for r in rows if r["task"] == key]
         if sub:

@@ -80,3 +80,24 @@ def test_tuned_same_seed_gives_the_same_numbers_and_records_how_it_ran(tmp_path)
     assert [[r[k] for k in measured] for r in rows[0]] == [[r[k] for k in measured] for r in rows[1]]
     assert all(r["threads"] == "1" and r["deterministic"] == "True" and r["torch"] for r in rows[0])
     assert "| plain | lr " in (tmp_path / "first" / "results.md").read_text()
+
+
+def test_tuned_summary_pairs_by_seed_and_marks_only_intervals_that_exclude_zero():
+    """The summary's cell is the paired mean difference to plain in points; bold only when the 95% interval
+    excludes zero; '—' where a method did not run on a task."""
+    import tuned_report
+
+    def row(task, method, seed, acc):
+        return {"task": task, "method": method, "setting": "s", "seed": str(seed), "val_acc": "0.5",
+                "test_acc": str(acc), "steps_after_last_reinit": ""}
+
+    plain = [0.70, 0.80, 0.60]
+    rows = [row(t, "plain", s, a) for t in ("X", "Y") for s, a in enumerate(plain)]
+    rows += [row("X", "steady", s, a + 0.05 + 0.001 * s) for s, a in enumerate(plain)]  # +5 points every seed
+    rows += [row("X", "noisy", s, a + d) for s, (a, d) in enumerate(zip(plain, (0.10, -0.08, 0.04)))]  # mean +2
+    lines = tuned_report.summary(rows, {"X": None, "Y": None}, ["plain", "steady", "noisy"])
+    table = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:] for line in lines
+             if line.startswith("| ")}
+    assert table["plain (test acc)"] == ["0.700", "0.700"]
+    assert table["steady"] == ["**+5.1**", "—"]
+    assert table["noisy"] == ["+2.0", "—"]
