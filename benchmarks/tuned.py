@@ -84,6 +84,10 @@ def settings(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
         "L2-SP": knob("alpha", (0.01, 0.1), lambda a: [L2SP(alpha=a, beta=0.01)], **no_wd),
         "L2-SP+DTNH": knob("alpha", (0.01, 0.1), lambda a: [L2SP(alpha=a, beta=0.01), DTNH()], **no_wd),
         "DELTA": knob("alpha", (0.01, 0.1), lambda a: [FeatureMapRegularization(layers, alpha=a)]),
+        # text: DELTA's penalty sums over tokens x hidden units, so its CNN grid divided by the tokens per example
+        **({"DELTA (α / tokens)": knob("alpha", (0.01 / task.tokens, 0.1 / task.tokens),
+                                      lambda a: [FeatureMapRegularization(layers, alpha=a)])}
+           if task.tokens else {}),
         "DELTA+DTNH": knob("alpha", (0.01, 0.1), lambda a: [FeatureMapRegularization(layers, alpha=a), DTNH()]),
         "RIFLE": knob("re-init at step", (total // 4, total // 2),
                       lambda p: [RIFLE(points=[int(p)], interval="step", min_epochs_after=0)]),

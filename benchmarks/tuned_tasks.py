@@ -44,6 +44,7 @@ class Task:
     augment: bool = True
     source_head: Callable[[], nn.Module] | None = None  # the pre-trained classifier the new head replaced
     mean_pooled_layer: str | None = None  # a text encoder's last layer: a second probe on its mean-pooled output
+    tokens: int | None = None  # text: tokens per example, over which DELTA's penalty sums (a second, scaled α grid)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -130,6 +131,7 @@ def _d(per_class: int, epochs: int, batch_size: int) -> Task:
         # the head reads BERT's pooler ([CLS] through dense + tanh); sentence-transformers trained the mean of the
         # last layer's tokens, so the probe on that mean (pad tokens excluded) is the baseline the issue measured
         mean_pooled_layer="backbone.bert.encoder.layer.5",
+        tokens=D_MAX_LENGTH,
     )
 
 
