@@ -224,8 +224,14 @@ def probes(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
 
 def methods_of(tasks) -> list[str]:
     """Every method of these tasks, the probes first, in table order."""
-    tasks = list(tasks)
-    return list(dict.fromkeys([*(m for t in tasks for m in probes(t)), *(m for t in tasks for m in settings(t))]))
+    order: list[str] = []
+    for task in tasks:  # a method only some tasks have goes right after its predecessor in that task's table
+        previous = None
+        for method in (*probes(task), *settings(task)):
+            if method not in order:
+                order.insert(order.index(previous) + 1 if previous else 0, method)
+            previous = method
+    return order
 
 
 def run_missing(path: Path, task: Task, methods: list[str], seeds, threads: int) -> None:
