@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_transfer import AnimalMNISTDataModule, ArrayDataModule, BBCNewsDataModule, TransferClassifier
 from lightning_transfer.anatomy import find_head
+from lightning_transfer.assets import minilm_folder
 from lightning_transfer.callbacks.co_tuning import PretrainedHead
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,6 +46,7 @@ class Task:
     source_head: Callable[[], nn.Module] | None = None  # the pre-trained classifier the new head replaced
     mean_pooled_layer: str | None = None  # a text encoder's last layer: a second probe on its mean-pooled output
     tokens: int | None = None  # text: tokens per example, over which DELTA's penalty sums (a second, scaled α grid)
+    lora: bool = False  # a LoRA row: the model's overrides take lora_rank
 
     @property
     def steps_per_epoch(self) -> int:
@@ -113,8 +115,24 @@ def _bbc(seed: int, augment: bool, per_class: int, batch_size: int) -> BBCNewsDa
 
 
 def _minilm(overrides: dict) -> TransferClassifier:
-    return TransferClassifier(MINILM, num_classes=5, pretrained=True,
+    overrides = dict(overrides)
+    lora_rank = overrides.pop("lora_rank", None)
+    backbone = MINILM if lora_rank is None else _minilm_lora(lora_rank)
+    return TransferClassifier(backbone, num_classes=5, pretrained=True,
                               **{"optimizer": "adamw", "weight_decay": 0.01, "warmup_steps": 5, **overrides})
+
+
+def _minilm_lora(rank: int) -> nn.Module:
+    """MiniLM as a peft user builds it: LoRA (alpha = 2·rank) on the attention's query and value, the new
+    classifier trained in full (``modules_to_save``), the rest frozen by peft."""
+    import peft
+    import transformers
+
+    net = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=5,
+                                                                           use_safetensors=True)
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "value"],
+                             modules_to_save=["classifier"])
+    return peft.get_peft_model(net, config).train()  # from_pretrained returns eval mode: dropout back on
 
 
 def _d(per_class: int, epochs: int, batch_size: int) -> Task:
@@ -132,6 +150,7 @@ def _d(per_class: int, epochs: int, batch_size: int) -> Task:
         # last layer's tokens, so the probe on that mean (pad tokens excluded) is the baseline the issue measured
         mean_pooled_layer="backbone.bert.encoder.layer.5",
         tokens=D_MAX_LENGTH,
+        lora=True,
     )
 
 
