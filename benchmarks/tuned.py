@@ -123,9 +123,23 @@ def settings(task: Task) -> dict[str, list[tuple[str, dict, object, bool]]]:
     }
 
 
-def features_of(model, data) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Head features (eval mode) of the train, val and test splits, without augmentation."""
-    return {s: head_features(model, getattr(data, f"{s}_dataloader")()) for s in ("train", "val", "test")}
+def features_of(model, data, layer: torch.nn.Module | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Features (eval mode) of the train, val and test splits, without augmentation: the head's input, or the
+    output of ``layer`` mean-pooled over the real tokens."""
+    loaders = {s: getattr(data, f"{s}_dataloader")() for s in ("train", "val", "test")}
+    if layer is None:
+        return {s: head_features(model, loader) for s, loader in loaders.items()}
+    pooled = {s: collect_features(model, loader, {"layer": layer}, None, pre=False, owner=PROBE_MEAN)
+              for s, loader in loaders.items()}
+    return {s: (features["layer"], labels) for s, (features, labels, _) in pooled.items()}
+
+
+def probe_on(feats, num_classes: int) -> dict:
+    """A linear probe fitted on the train features, its L2 strength chosen on validation: its accuracies."""
+    probe = select_linear_probe(*feats["train"], *feats["val"], num_classes)
+    return {"probe_val_acc": round(probe.val_acc, 5),
+            "probe_test_acc": round(probe_accuracy(probe.weight, probe.bias, *feats["test"]), 5),
+            "probe_l2": probe.l2}
 
 
 def measure(model, feats, num_classes: int) -> dict:
@@ -133,13 +147,10 @@ def measure(model, feats, num_classes: int) -> dict:
     layer = final_linear(find_head(model)[1])
     weight, bias = layer.weight.detach().float(), layer.bias.detach().float()
     test_x, test_y = feats["test"]
-    probe = select_linear_probe(*feats["train"], *feats["val"], num_classes)
     return {"val_acc": round(probe_accuracy(weight, bias, *feats["val"]), 5),
             "test_acc": round(probe_accuracy(weight, bias, test_x, test_y), 5),
             "test_loss": round(float(F.cross_entropy(test_x @ weight.T + bias, test_y)), 6),
-            "probe_val_acc": round(probe.val_acc, 5),
-            "probe_test_acc": round(probe_accuracy(probe.weight, probe.bias, test_x, test_y), 5),
-            "probe_l2": probe.l2}
+            **probe_on(feats, num_classes)}
 
 
 def run_one(task: Task, method: str, setting: tuple, seed: int) -> dict:
@@ -147,19 +158,10 @@ def run_one(task: Task, method: str, setting: tuple, seed: int) -> dict:
     pl.seed_everything(seed, verbose=False)
     model = task.model(overrides)
     plain = task.data(seed, augment=False)
-    if method == PROBE:  # no training: the pre-trained features, probe chosen on validation
-        row = measure(model, features_of(model, plain), task.num_classes)
+    if method in (PROBE, PROBE_MEAN):  # no training: a probe on the pre-trained features, L2 chosen on validation
+        layer = model.get_submodule(task.mean_pooled_layer) if method == PROBE_MEAN else None  # pad tokens excluded
+        row = probe_on(features_of(model, plain, layer), task.num_classes)
         return {**row, "val_acc": row["probe_val_acc"], "test_acc": row["probe_test_acc"], "test_loss": ""}
-    if method == PROBE_MEAN:  # no training: the mean of the last layer's tokens (pad excluded), probe on validation
-        layer = model.get_submodule(task.mean_pooled_layer)
-        feats = {s: collect_features(model, getattr(plain, f"{s}_dataloader")(), {"last": layer}, None, pre=False,
-                                     owner=PROBE_MEAN)
-                 for s in ("train", "val", "test")}
-        (train_x, train_y), (val_x, val_y), (test_x, test_y) = ((f["last"], y) for f, y, _ in feats.values())
-        probe = select_linear_probe(train_x, train_y, val_x, val_y, task.num_classes)
-        test = probe_accuracy(probe.weight, probe.bias, test_x, test_y)
-        return {"val_acc": round(probe.val_acc, 5), "test_acc": round(test, 5), "test_loss": "",
-                "probe_val_acc": round(probe.val_acc, 5), "probe_test_acc": round(test, 5), "probe_l2": probe.l2}
     if method == STOCK:
         return run_model_stock(task, overrides, seed, plain)
     callbacks = make_callbacks()

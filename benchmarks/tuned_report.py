@@ -38,10 +38,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
+def _diffs(a: dict[int, dict], b: dict[int, dict]) -> list[float]:
+    """Test accuracy of ``a`` minus ``b``, paired by seed."""
+    return [float(a[s]["test_acc"]) - float(b[s]["test_acc"]) for s in sorted(a) if s in b]
+
+
 def _paired(a: dict[int, dict], b: dict[int, dict] | None) -> str:
     if not b or a is b:
         return "—"
-    return accuracy.t_interval([float(a[s]["test_acc"]) - float(b[s]["test_acc"]) for s in sorted(a) if s in b])
+    return accuracy.t_interval(_diffs(a, b))
 
 
 def _note(method: str, runs: dict[int, dict]) -> str:
@@ -84,7 +89,7 @@ def task_section(rows: list[dict], title: str, order: list[str] | None = None) -
 
 def _points(runs: dict[int, dict], base: dict[int, dict]) -> str:
     """Paired difference in points, bold where its 95% interval excludes zero."""
-    diffs = [float(runs[s]["test_acc"]) - float(base[s]["test_acc"]) for s in sorted(runs) if s in base]
+    diffs = _diffs(runs, base)
     if len(diffs) < 2:
         return "—"
     d, low, high = accuracy.t_bounds(diffs)
@@ -99,11 +104,12 @@ def summary(rows: list[dict], tasks: dict, order: list[str]) -> list[str]:
     if not keys:
         return []
     methods = [m for m in order if m != "plain" and any(m in chosen[k] for k in keys)]
+    plain_acc = [statistics.fmean(float(r["test_acc"]) for r in chosen[k]["plain"][1].values()) for k in keys]
     lines = ["## Summary", "", "Test accuracy of plain fine-tuning, then each method's paired difference to it in points "
              "(each at its setting chosen on validation; **bold**: the 95% interval excludes zero; —: not run; "
              "†: RIFLE out of regime). Intervals and settings: the task sections below.", "",
              f"| method | {' | '.join(keys)} |", f"|---|{'---|' * len(keys)}",
-             f"| plain (test acc) | {' | '.join(_mean_std([float(r['test_acc']) for r in chosen[k]['plain'][1].values()]).split(' ±')[0] for k in keys)} |"]
+             f"| plain (test acc) | {' | '.join(f'{a:.3f}' for a in plain_acc)} |"]
     for method in methods:
         cells = []
         for k in keys:
